@@ -1,0 +1,688 @@
+//! Reading and validating a config file.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use crate::{model::*, raw::*, Error, Problem};
+
+/// Reads and validates the config file at `path`. Relative paths inside it
+/// are resolved against the file's directory.
+pub fn load(path: &Path) -> Result<Config, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Validates config text as if it had been read from `path`.
+pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
+    let invalid = |problems| Error::Invalid {
+        file: path.to_owned(),
+        problems,
+    };
+    let raw = deserialize(text).map_err(|p| invalid(vec![p]))?;
+    let base = path.parent().unwrap_or(Path::new(".")).to_owned();
+    let mut v = Validator {
+        base,
+        problems: Vec::new(),
+    };
+    let config = v.config(raw, path);
+    if v.problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(invalid(v.problems))
+    }
+}
+
+fn deserialize(text: &str) -> Result<RawConfig, Problem> {
+    let line_of = |span: Option<std::ops::Range<usize>>| {
+        span.map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+    };
+    let de = toml::Deserializer::parse(text).map_err(|e| Problem {
+        key: String::new(),
+        line: line_of(e.span()),
+        message: format!("invalid TOML: {}", e.message()),
+    })?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        Problem {
+            key: if key == "." { String::new() } else { key },
+            line: line_of(inner.span()),
+            message: inner.message().to_owned(),
+        }
+    })
+}
+
+struct Validator {
+    base: PathBuf,
+    problems: Vec<Problem>,
+}
+
+impl Validator {
+    fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            line: None,
+            message: message.into(),
+        });
+    }
+
+    fn config(&mut self, raw: RawConfig, path: &Path) -> Config {
+        let edge = Edge {
+            name: raw.edge.name.clone(),
+            location: self.point("edge.location", raw.edge.location),
+        };
+        if edge.name.trim().is_empty() {
+            self.problem("edge.name", "must not be empty");
+        }
+        let health_defaults = self.health("health", &raw.health, &HealthCheck::default());
+        let cells = self.cells(&raw.cells, &health_defaults);
+        let cell_ids: HashSet<&str> = cells.iter().map(|c| c.id.as_str()).collect();
+        let services = self.services(&raw.services, &cell_ids);
+        let listeners = self.listeners(&raw.listeners, &services);
+        let pins = self.pins(&raw.pins, &services);
+        let geo = self.geo(&raw.geo);
+        let sticky_secret = raw
+            .sticky_secret
+            .as_ref()
+            .and_then(|s| self.secret("sticky_secret", s));
+        if sticky_secret.is_none() {
+            if let Some((i, _)) = services.iter().enumerate().find(|(_, s)| s.sticky.is_some()) {
+                self.problem(
+                    format!("services[{i}].sticky"),
+                    "sticky sessions need a `sticky_secret` table (env or file) to sign cookies",
+                );
+            }
+        }
+        Config {
+            source: path.to_owned(),
+            edge,
+            listeners,
+            sticky_secret,
+            cells,
+            services,
+            pins,
+            geo,
+        }
+    }
+
+    fn point(&mut self, key: &str, p: RawPoint) -> GeoPoint {
+        if !(-90.0..=90.0).contains(&p.lat) {
+            self.problem(
+                format!("{key}.lat"),
+                format!("latitude {} is out of range: expected -90 to 90", p.lat),
+            );
+        }
+        if !(-180.0..=180.0).contains(&p.lon) {
+            self.problem(
+                format!("{key}.lon"),
+                format!("longitude {} is out of range: expected -180 to 180", p.lon),
+            );
+        }
+        GeoPoint::new(p.lat, p.lon).unwrap_or(GeoPoint { lat: 0.0, lon: 0.0 })
+    }
+
+    fn socket_addr(&mut self, key: &str, s: &str) -> Option<SocketAddr> {
+        match s.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.problem(
+                    key,
+                    format!("invalid socket address `{s}`: expected IP:port, like \"127.0.0.1:8080\" or \"[::1]:8080\""),
+                );
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, key: &str, s: Option<&String>, default: Duration) -> Duration {
+        let Some(s) = s else { return default };
+        match humantime::parse_duration(s) {
+            Ok(d) => d,
+            Err(e) => {
+                self.problem(
+                    key,
+                    format!("invalid duration `{s}` ({e}): expected a number and a unit, like \"250ms\" or \"30s\""),
+                );
+                default
+            }
+        }
+    }
+
+    fn existing_file(&mut self, key: &str, s: &str) -> PathBuf {
+        let p = self.base.join(s);
+        if !p.is_file() {
+            self.problem(key, format!("file `{}` does not exist", p.display()));
+        }
+        p
+    }
+
+    fn country(&mut self, key: &str, s: &str) -> Country {
+        Country::parse(s).unwrap_or_else(|| {
+            self.problem(
+                key,
+                format!("invalid country `{s}`: expected a two-letter ISO 3166-1 code like \"IE\""),
+            );
+            Country::UNKNOWN
+        })
+    }
+
+    fn health(&mut self, key: &str, raw: &RawHealth, defaults: &HealthCheck) -> HealthCheck {
+        let kind = match raw.kind {
+            None => defaults.kind,
+            Some(RawHealthKind::Http) => HealthKind::Http,
+            Some(RawHealthKind::Tcp) => HealthKind::Tcp,
+        };
+        let path = raw.path.clone().unwrap_or_else(|| defaults.path.clone());
+        if !path.starts_with('/') {
+            self.problem(format!("{key}.path"), format!("path `{path}` must start with `/`"));
+        }
+        let expect_status = match raw.expect_status {
+            None => defaults.expect_status,
+            Some([lo, hi]) => {
+                if !(100..=599).contains(&lo) || !(lo..=599).contains(&hi) {
+                    self.problem(
+                        format!("{key}.expect_status"),
+                        format!("[{lo}, {hi}] is not a status range: expected [low, high] within 100..=599"),
+                    );
+                }
+                (lo, hi)
+            }
+        };
+        let interval = self.duration(&format!("{key}.interval"), raw.interval.as_ref(), defaults.interval);
+        let timeout = self.duration(&format!("{key}.timeout"), raw.timeout.as_ref(), defaults.timeout);
+        if interval.is_zero() {
+            self.problem(format!("{key}.interval"), "must be greater than zero");
+        }
+        if timeout.is_zero() {
+            self.problem(format!("{key}.timeout"), "must be greater than zero");
+        }
+        let rise = raw.rise.unwrap_or(defaults.rise);
+        let fall = raw.fall.unwrap_or(defaults.fall);
+        if rise == 0 {
+            self.problem(format!("{key}.rise"), "must be at least 1");
+        }
+        if fall == 0 {
+            self.problem(format!("{key}.fall"), "must be at least 1");
+        }
+        let min_healthy_fraction = raw.min_healthy_fraction.unwrap_or(defaults.min_healthy_fraction);
+        if !(0.0..=1.0).contains(&min_healthy_fraction) {
+            self.problem(
+                format!("{key}.min_healthy_fraction"),
+                format!("{min_healthy_fraction} is out of range: expected 0 to 1"),
+            );
+        }
+        HealthCheck {
+            kind,
+            path,
+            expect_status,
+            interval,
+            timeout,
+            rise: rise.max(1),
+            fall: fall.max(1),
+            min_healthy_fraction,
+        }
+    }
+
+    fn cells(&mut self, raw: &[RawCell], health_defaults: &HealthCheck) -> Vec<Cell> {
+        let mut seen = HashMap::new();
+        let mut cells = Vec::with_capacity(raw.len());
+        for (i, c) in raw.iter().enumerate() {
+            let key = format!("cells[{i}]");
+            if !valid_id(&c.id) {
+                self.problem(
+                    format!("{key}.id"),
+                    format!("invalid cell id `{}`: expected letters, digits, `-`, `_` or `.`", c.id),
+                );
+            }
+            if let Some(first) = seen.insert(c.id.clone(), i) {
+                self.problem(
+                    format!("{key}.id"),
+                    format!("duplicate cell id `{}` (first defined at cells[{first}])", c.id),
+                );
+            }
+            let location = self.point(&format!("{key}.location"), c.location);
+            let country = self.country(&format!("{key}.country"), &c.country);
+            let capacity = c.capacity.unwrap_or(1.0);
+            if !(capacity > 0.0 && capacity.is_finite()) {
+                self.problem(
+                    format!("{key}.capacity"),
+                    format!("capacity {capacity} must be a positive number"),
+                );
+            }
+            let load_limit = c.load_limit.unwrap_or(1.0);
+            if !(load_limit > 0.0 && load_limit <= 1.0) {
+                self.problem(
+                    format!("{key}.load_limit"),
+                    format!("load limit {load_limit} is out of range: expected a value in (0, 1]"),
+                );
+            }
+            let http = c
+                .http
+                .iter()
+                .enumerate()
+                .filter_map(|(j, a)| self.socket_addr(&format!("{key}.http[{j}]"), a))
+                .collect::<Vec<_>>();
+            let tcp = c
+                .tcp
+                .iter()
+                .enumerate()
+                .filter_map(|(j, a)| self.socket_addr(&format!("{key}.tcp[{j}]"), a))
+                .collect::<Vec<_>>();
+            if c.http.is_empty() && c.tcp.is_empty() {
+                self.problem(&key, format!("cell `{}` has no `http` or `tcp` endpoints", c.id));
+            }
+            let mut dns_v4 = Vec::new();
+            let mut dns_v6 = Vec::new();
+            for (j, a) in c.dns.iter().enumerate() {
+                match a.parse::<IpAddr>() {
+                    Ok(IpAddr::V4(a)) => dns_v4.push(a),
+                    Ok(IpAddr::V6(a)) => dns_v6.push(a),
+                    Err(_) => self.problem(
+                        format!("{key}.dns[{j}]"),
+                        format!("invalid IP address `{a}`: expected an IPv4 or IPv6 address"),
+                    ),
+                }
+            }
+            let health = match &c.health {
+                Some(h) => self.health(&format!("{key}.health"), h, health_defaults),
+                None => health_defaults.clone(),
+            };
+            if health.kind == HealthKind::Http && http.is_empty() && !tcp.is_empty() {
+                self.problem(
+                    format!("{key}.health.kind"),
+                    "an `http` health check needs `http` endpoints; use kind = \"tcp\"",
+                );
+            }
+            cells.push(Cell {
+                id: CellId::new(&c.id),
+                region: c.region.clone(),
+                location,
+                country,
+                capacity,
+                load_limit,
+                http,
+                tcp,
+                dns_v4,
+                dns_v6,
+                health,
+            });
+        }
+        cells
+    }
+
+    fn services(&mut self, raw: &[RawService], cell_ids: &HashSet<&str>) -> Vec<Service> {
+        let mut names = HashMap::new();
+        let mut hosts: HashMap<HostPattern, usize> = HashMap::new();
+        let mut dns_names: HashMap<String, usize> = HashMap::new();
+        let mut services = Vec::with_capacity(raw.len());
+        for (i, s) in raw.iter().enumerate() {
+            let key = format!("services[{i}]");
+            if !valid_id(&s.name) {
+                self.problem(
+                    format!("{key}.name"),
+                    format!("invalid service name `{}`: expected letters, digits, `-`, `_` or `.`", s.name),
+                );
+            }
+            if let Some(first) = names.insert(s.name.clone(), i) {
+                self.problem(
+                    format!("{key}.name"),
+                    format!("duplicate service `{}` (first defined at services[{first}])", s.name),
+                );
+            }
+            let mut host_patterns = Vec::new();
+            for (j, h) in s.hosts.iter().enumerate() {
+                let hkey = format!("{key}.hosts[{j}]");
+                let Some(p) = host_pattern(h) else {
+                    self.problem(
+                        hkey,
+                        format!("invalid host `{h}`: expected a DNS name like \"app.example.com\" or \"*.example.com\""),
+                    );
+                    continue;
+                };
+                match hosts.get(&p) {
+                    Some(&other) if other != i => self.problem(
+                        hkey,
+                        format!("host `{p}` is already used by service `{}`", raw[other].name),
+                    ),
+                    Some(_) => self.problem(hkey, format!("host `{p}` is listed twice")),
+                    None => {
+                        hosts.insert(p.clone(), i);
+                        host_patterns.push(p);
+                    }
+                }
+            }
+            let dns_name = s.dns_name.as_ref().and_then(|n| match dns_name(n) {
+                Some(n) => {
+                    if let Some(&other) = dns_names.get(&n) {
+                        self.problem(
+                            format!("{key}.dns_name"),
+                            format!("DNS name `{n}` is already used by service `{}`", raw[other].name),
+                        );
+                    }
+                    dns_names.insert(n.clone(), i);
+                    Some(n)
+                }
+                None => {
+                    self.problem(
+                        format!("{key}.dns_name"),
+                        format!("invalid DNS name `{n}`"),
+                    );
+                    None
+                }
+            });
+            if s.cells.is_empty() {
+                self.problem(
+                    format!("{key}.cells"),
+                    format!("service `{}` has no cells: expected at least one cell id", s.name),
+                );
+            }
+            let mut cells: Vec<CellId> = Vec::new();
+            for (j, c) in s.cells.iter().enumerate() {
+                let ckey = format!("{key}.cells[{j}]");
+                if !cell_ids.contains(c.as_str()) {
+                    self.problem(
+                        ckey,
+                        format!("cell `{c}` in service `{}` is not defined", s.name),
+                    );
+                } else if cells.iter().any(|x| x.as_str() == c) {
+                    self.problem(ckey, format!("cell `{c}` is listed twice"));
+                } else {
+                    cells.push(CellId::new(c));
+                }
+            }
+            let serves = |c: &str| s.cells.iter().any(|x| x == c);
+            let policy = match s.policy {
+                RawPolicy::Latency => Policy::Latency,
+                RawPolicy::Geo => Policy::Geo,
+                RawPolicy::Weighted => Policy::Weighted,
+                RawPolicy::Failover => Policy::Failover,
+            };
+            let sticky = s.sticky.as_ref().map(|st| {
+                if !valid_cookie_name(&st.cookie) {
+                    self.problem(
+                        format!("{key}.sticky.cookie"),
+                        format!("invalid cookie name `{}`", st.cookie),
+                    );
+                }
+                let ttl = self.duration(&format!("{key}.sticky.ttl"), st.ttl.as_ref(), Duration::from_secs(3600));
+                if ttl < Duration::from_secs(1) {
+                    self.problem(format!("{key}.sticky.ttl"), "must be at least 1s");
+                }
+                Sticky {
+                    cookie: st.cookie.clone(),
+                    ttl,
+                }
+            });
+            let shard_key = s.shard_key.as_ref().and_then(|k| {
+                let kkey = format!("{key}.shard_key");
+                Some(match k {
+                    RawShardKey::Header(h) if valid_header_name(h) => {
+                        ShardKeySource::Header(h.to_ascii_lowercase())
+                    }
+                    RawShardKey::Header(h) => {
+                        self.problem(kkey, format!("invalid header name `{h}`"));
+                        return None;
+                    }
+                    RawShardKey::Cookie(c) if valid_cookie_name(c) => ShardKeySource::Cookie(c.clone()),
+                    RawShardKey::Cookie(c) => {
+                        self.problem(kkey, format!("invalid cookie name `{c}`"));
+                        return None;
+                    }
+                    RawShardKey::PathSegment(n) => match usize::try_from(*n) {
+                        Ok(n) => ShardKeySource::PathSegment(n),
+                        Err(_) => {
+                            self.problem(kkey, format!("path segment {n} must be 0 or more"));
+                            return None;
+                        }
+                    },
+                    RawShardKey::Query(q) if !q.is_empty() => ShardKeySource::Query(q.clone()),
+                    RawShardKey::Query(_) => {
+                        self.problem(kkey, "query parameter name must not be empty");
+                        return None;
+                    }
+                    RawShardKey::Sni => ShardKeySource::Sni,
+                    RawShardKey::ClientAddr => ShardKeySource::ClientAddr,
+                })
+            });
+            let mut residency = Vec::new();
+            let mut countries_seen = HashSet::new();
+            for (j, r) in s.residency.iter().enumerate() {
+                let rkey = format!("{key}.residency[{j}]");
+                let mut countries = Vec::new();
+                for (k, c) in r.countries.iter().enumerate() {
+                    let c = self.country(&format!("{rkey}.countries[{k}]"), c);
+                    if !countries_seen.insert(c) {
+                        self.problem(
+                            format!("{rkey}.countries[{k}]"),
+                            format!("country `{c}` already has a residency rule in this service"),
+                        );
+                    }
+                    countries.push(c);
+                }
+                let mut rcells = Vec::new();
+                for (k, c) in r.cells.iter().enumerate() {
+                    if serves(c) {
+                        rcells.push(CellId::new(c));
+                    } else {
+                        self.problem(
+                            format!("{rkey}.cells[{k}]"),
+                            format!("cell `{c}` does not serve service `{}`", s.name),
+                        );
+                    }
+                }
+                if r.countries.is_empty() || r.cells.is_empty() {
+                    self.problem(rkey, "a residency rule needs at least one country and one cell");
+                }
+                residency.push(Residency { countries, cells: rcells });
+            }
+            let all_down = match &s.all_down {
+                None | Some(RawAllDown::Open) => AllDown::Open,
+                Some(RawAllDown::Closed) => AllDown::Closed,
+                Some(RawAllDown::Fallback(c)) => {
+                    if !serves(c) {
+                        self.problem(
+                            format!("{key}.all_down.fallback"),
+                            format!("fallback cell `{c}` does not serve service `{}`", s.name),
+                        );
+                    }
+                    AllDown::Fallback(CellId::new(c))
+                }
+            };
+            let dns_ttl = self.duration(&format!("{key}.dns_ttl"), s.dns_ttl.as_ref(), Service::DEFAULT_DNS_TTL);
+            let dns_degraded_ttl = self.duration(
+                &format!("{key}.dns_degraded_ttl"),
+                s.dns_degraded_ttl.as_ref(),
+                Service::DEFAULT_DNS_DEGRADED_TTL,
+            );
+            let dns_answers = match s.dns_answers {
+                None => 1,
+                Some(n) if (1..=16).contains(&n) => n as usize,
+                Some(n) => {
+                    self.problem(format!("{key}.dns_answers"), format!("{n} is out of range: expected 1 to 16"));
+                    1
+                }
+            };
+            services.push(Service {
+                name: ServiceName::new(&s.name),
+                hosts: host_patterns,
+                dns_name,
+                cells,
+                policy,
+                sticky,
+                shard_key,
+                residency,
+                all_down,
+                dns_ttl,
+                dns_degraded_ttl,
+                dns_answers,
+            });
+        }
+        services
+    }
+
+    fn listeners(&mut self, raw: &RawListeners, services: &[Service]) -> Listeners {
+        let mut l = Listeners {
+            http: raw.http.as_ref().and_then(|a| self.socket_addr("listeners.http", a)),
+            https: raw.https.as_ref().and_then(|t| {
+                let addr = self.socket_addr("listeners.https.listen", &t.listen);
+                let cert = self.existing_file("listeners.https.cert", &t.cert);
+                let key = self.existing_file("listeners.https.key", &t.key);
+                addr.map(|addr| TlsListener { addr, cert, key })
+            }),
+            dns: raw.dns.as_ref().and_then(|a| self.socket_addr("listeners.dns", a)),
+            admin: raw.admin.as_ref().and_then(|a| self.socket_addr("listeners.admin", a)),
+            tcp: Vec::new(),
+        };
+        for (i, t) in raw.tcp.iter().enumerate() {
+            let key = format!("listeners.tcp[{i}]");
+            let addr = self.socket_addr(&format!("{key}.listen"), &t.listen);
+            if !services.iter().any(|s| s.name.as_str() == t.service) {
+                self.problem(format!("{key}.service"), format!("service `{}` is not defined", t.service));
+            }
+            if let Some(addr) = addr {
+                l.tcp.push(TcpListener {
+                    addr,
+                    service: ServiceName::new(&t.service),
+                });
+            }
+        }
+        // Two TCP-based listeners on one address cannot both bind.
+        let mut tcp_addrs: Vec<(&str, SocketAddr)> = Vec::new();
+        tcp_addrs.extend(l.http.map(|a| ("listeners.http", a)));
+        tcp_addrs.extend(l.https.as_ref().map(|t| ("listeners.https.listen", t.addr)));
+        tcp_addrs.extend(l.admin.map(|a| ("listeners.admin", a)));
+        tcp_addrs.extend(l.dns.map(|a| ("listeners.dns", a)));
+        let tcp_keys: Vec<String> = (0..l.tcp.len()).map(|i| format!("listeners.tcp[{i}].listen")).collect();
+        tcp_addrs.extend(tcp_keys.iter().zip(&l.tcp).map(|(k, t)| (k.as_str(), t.addr)));
+        let mut clashes = Vec::new();
+        for (i, (ka, a)) in tcp_addrs.iter().enumerate() {
+            if let Some((kb, _)) = tcp_addrs[..i].iter().find(|(_, b)| b == a) {
+                clashes.push((ka.to_string(), format!("address {a} is already used by {kb}")));
+            }
+        }
+        for (k, m) in clashes {
+            self.problem(k, m);
+        }
+        l
+    }
+
+    fn pins(&mut self, raw: &[RawPin], services: &[Service]) -> Vec<Pin> {
+        let mut seen = HashSet::new();
+        let mut pins = Vec::new();
+        for (i, p) in raw.iter().enumerate() {
+            let key = format!("pins[{i}]");
+            let Some(svc) = services.iter().find(|s| s.name.as_str() == p.service) else {
+                self.problem(format!("{key}.service"), format!("service `{}` is not defined", p.service));
+                continue;
+            };
+            if !svc.cells.iter().any(|c| c.as_str() == p.cell) {
+                self.problem(
+                    format!("{key}.cell"),
+                    format!("cell `{}` does not serve service `{}`", p.cell, p.service),
+                );
+                continue;
+            }
+            if !seen.insert((p.service.as_str(), p.key.as_str())) {
+                self.problem(
+                    format!("{key}.key"),
+                    format!("key `{}` of service `{}` is pinned twice", p.key, p.service),
+                );
+                continue;
+            }
+            pins.push(Pin {
+                service: svc.name.clone(),
+                key: p.key.clone(),
+                cell: CellId::new(&p.cell),
+            });
+        }
+        pins
+    }
+
+    fn geo(&mut self, raw: &RawGeo) -> Geo {
+        let mmdb = raw.mmdb.as_ref().map(|m| self.existing_file("geo.mmdb", m));
+        let mut networks = Vec::new();
+        for (i, n) in raw.networks.iter().enumerate() {
+            let key = format!("geo.networks[{i}]");
+            let location = self.point(&format!("{key}.location"), n.location);
+            let country = self.country(&format!("{key}.country"), &n.country);
+            match n.cidr.parse::<ipnet::IpNet>() {
+                Ok(net) => networks.push(GeoNetwork {
+                    net: net.trunc(),
+                    country,
+                    location,
+                }),
+                Err(_) => self.problem(
+                    format!("{key}.cidr"),
+                    format!("invalid CIDR `{}`: expected a network like \"198.51.100.0/24\"", n.cidr),
+                ),
+            }
+        }
+        Geo { mmdb, networks }
+    }
+
+    fn secret(&mut self, key: &str, raw: &RawSecret) -> Option<SecretSource> {
+        match (&raw.env, &raw.file) {
+            (Some(var), None) if !var.is_empty() => Some(SecretSource::Env {
+                var: var.clone(),
+                ephemeral_if_unset: raw.ephemeral_if_unset,
+            }),
+            (None, Some(file)) => {
+                if raw.ephemeral_if_unset {
+                    self.problem(format!("{key}.ephemeral_if_unset"), "only applies to `env`");
+                }
+                Some(SecretSource::File(self.existing_file(&format!("{key}.file"), file)))
+            }
+            _ => {
+                self.problem(key, "expected exactly one of `env` (a variable name) or `file` (a path)");
+                None
+            }
+        }
+    }
+}
+
+fn valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+fn valid_cookie_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes().all(|b| {
+            b.is_ascii_graphic() && !matches!(b, b'(' | b')' | b'<' | b'>' | b'@' | b',' | b';' | b':' | b'\\' | b'"' | b'/' | b'[' | b']' | b'?' | b'=' | b'{' | b'}')
+        })
+}
+
+fn valid_header_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Lower-cases and checks a DNS name; strips one trailing dot.
+fn dns_name(s: &str) -> Option<String> {
+    let s = s.strip_suffix('.').unwrap_or(s).to_ascii_lowercase();
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    ok.then_some(s)
+}
+
+fn host_pattern(s: &str) -> Option<HostPattern> {
+    match s.strip_prefix("*.") {
+        Some(rest) => dns_name(rest).map(|n| HostPattern::Wildcard(format!(".{n}"))),
+        None => dns_name(s).map(HostPattern::Exact),
+    }
+}

@@ -1,0 +1,367 @@
+//! Validated domain types. Everything here has already been checked by
+//! [`crate::load`]; code downstream never re-validates it.
+
+use std::{
+    borrow::Borrow,
+    fmt,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use ipnet::IpNet;
+
+/// Identifier of a cell, e.g. `eu-west`. Cheap to clone.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CellId(Arc<str>);
+
+/// Name of a service, e.g. `app`. Cheap to clone.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceName(Arc<str>);
+
+macro_rules! name_newtype {
+    ($t:ident) => {
+        impl $t {
+            pub fn new(s: &str) -> Self {
+                Self(Arc::from(s))
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl fmt::Debug for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{:?}", &*self.0)
+            }
+        }
+        impl Borrow<str> for $t {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+name_newtype!(CellId);
+name_newtype!(ServiceName);
+
+/// An ISO 3166-1 alpha-2 country code, upper case (`IE`, `US`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Country([u8; 2]);
+
+impl Country {
+    /// `ZZ`, the user-assigned code for "unknown".
+    pub const UNKNOWN: Country = Country(*b"ZZ");
+
+    /// Parses a two-letter code, case-insensitively.
+    pub fn parse(s: &str) -> Option<Self> {
+        let b = s.as_bytes();
+        if b.len() == 2 && b.iter().all(u8::is_ascii_alphabetic) {
+            Some(Self([b[0].to_ascii_uppercase(), b[1].to_ascii_uppercase()]))
+        } else {
+            None
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        // Only ASCII letters are ever stored.
+        std::str::from_utf8(&self.0).unwrap_or("??")
+    }
+}
+
+impl fmt::Display for Country {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+impl fmt::Debug for Country {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A point on Earth in degrees: latitude in [-90, 90], longitude in [-180, 180].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GeoPoint {
+    pub lat: f64,
+    pub lon: f64,
+}
+
+impl GeoPoint {
+    /// Returns `None` when either coordinate is out of range or not finite.
+    pub fn new(lat: f64, lon: f64) -> Option<Self> {
+        ((-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon))
+            .then_some(Self { lat, lon })
+    }
+}
+
+/// The whole validated configuration of one edge node.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file this was loaded from; relative paths in it were resolved
+    /// against its directory.
+    pub source: PathBuf,
+    pub edge: Edge,
+    pub listeners: Listeners,
+    pub sticky_secret: Option<SecretSource>,
+    /// Cells in file order. Ids are unique.
+    pub cells: Vec<Cell>,
+    /// Services in file order. Names, hosts and DNS names are unique.
+    pub services: Vec<Service>,
+    /// Shard pins from the file; operators add more at run time.
+    pub pins: Vec<Pin>,
+    pub geo: Geo,
+}
+
+impl Config {
+    pub fn cell(&self, id: &str) -> Option<&Cell> {
+        self.cells.iter().find(|c| &*c.id.0 == id)
+    }
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| &*s.name.0 == name)
+    }
+    /// Number of listeners the config names.
+    pub fn listener_count(&self) -> usize {
+        let l = &self.listeners;
+        usize::from(l.http.is_some())
+            + usize::from(l.https.is_some())
+            + usize::from(l.dns.is_some())
+            + usize::from(l.admin.is_some())
+            + l.tcp.len()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Edge {
+    pub name: String,
+    /// Where this edge node stands; clients of unknown location are placed here.
+    pub location: GeoPoint,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Listeners {
+    pub http: Option<SocketAddr>,
+    pub https: Option<TlsListener>,
+    pub dns: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub tcp: Vec<TcpListener>,
+}
+
+#[derive(Clone, Debug)]
+pub struct TlsListener {
+    pub addr: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A plain TCP listener bound to one service.
+#[derive(Clone, Debug)]
+pub struct TcpListener {
+    pub addr: SocketAddr,
+    pub service: ServiceName,
+}
+
+/// Where a secret comes from. Secrets are never written inline in config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretSource {
+    /// Read from this environment variable. When `ephemeral_if_unset`, a
+    /// missing variable yields a random per-process secret (for demos: cookies
+    /// then survive neither a restart nor a move to another edge).
+    Env { var: String, ephemeral_if_unset: bool },
+    /// Read from this file (surrounding white space trimmed).
+    File(PathBuf),
+}
+
+#[derive(Clone, Debug)]
+pub struct Cell {
+    pub id: CellId,
+    pub region: String,
+    pub location: GeoPoint,
+    pub country: Country,
+    /// Relative capacity weight (> 0), used by the `weighted` policy.
+    pub capacity: f64,
+    /// Load (0, 1] above which new traffic spills to other cells.
+    pub load_limit: f64,
+    pub http: Vec<SocketAddr>,
+    pub tcp: Vec<SocketAddr>,
+    /// Addresses DNS answers with for this cell.
+    pub dns_v4: Vec<Ipv4Addr>,
+    pub dns_v6: Vec<Ipv6Addr>,
+    pub health: HealthCheck,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HealthKind {
+    Http,
+    Tcp,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct HealthCheck {
+    pub kind: HealthKind,
+    /// Path for `http` checks.
+    pub path: String,
+    /// Inclusive range of statuses that count as healthy.
+    pub expect_status: (u16, u16),
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes before an endpoint is up.
+    pub rise: u32,
+    /// Consecutive failures before an endpoint is down.
+    pub fall: u32,
+    /// Fraction of endpoints that must be up for the cell to be healthy; 0
+    /// means "any one".
+    pub min_healthy_fraction: f64,
+}
+
+impl HealthCheck {
+    pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(200);
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
+    pub const DEFAULT_RISE: u32 = 2;
+    pub const DEFAULT_FALL: u32 = 3;
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            kind: HealthKind::Http,
+            path: "/healthz".into(),
+            expect_status: (200, 399),
+            interval: Self::DEFAULT_INTERVAL,
+            timeout: Self::DEFAULT_TIMEOUT,
+            rise: Self::DEFAULT_RISE,
+            fall: Self::DEFAULT_FALL,
+            min_healthy_fraction: 0.0,
+        }
+    }
+}
+
+/// A host name pattern of a service.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum HostPattern {
+    /// `app.example.com`, lower case.
+    Exact(String),
+    /// `*.example.com`: stored as the suffix `.example.com`; matches any
+    /// name with at least one more label.
+    Wildcard(String),
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exact(h) => f.write_str(h),
+            Self::Wildcard(s) => write!(f, "*{s}"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    /// Lowest smoothed RTT measured from this edge, penalised by load.
+    Latency,
+    /// Shortest great-circle distance from the client.
+    Geo,
+    /// Random in proportion to capacity × spare load.
+    Weighted,
+    /// The order of the service's `cells` list.
+    Failover,
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Latency => "latency",
+            Self::Geo => "geo",
+            Self::Weighted => "weighted",
+            Self::Failover => "failover",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sticky {
+    pub cookie: String,
+    pub ttl: Duration,
+}
+
+/// Where a request's shard key comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ShardKeySource {
+    Header(String),
+    Cookie(String),
+    /// 0-based index of a `/`-separated path segment.
+    PathSegment(usize),
+    Query(String),
+    /// L4: the TLS server name.
+    Sni,
+    /// L4: the client's IP address.
+    ClientAddr,
+}
+
+/// Clients from these countries may only be sent to these cells.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Residency {
+    pub countries: Vec<Country>,
+    pub cells: Vec<CellId>,
+}
+
+/// What a service does when none of its cells is eligible.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AllDown {
+    /// Route to the least-bad cells anyway (the default).
+    Open,
+    /// Refuse: the proxy answers 503, DNS answers SERVFAIL.
+    Closed,
+    /// Send everything to this cell.
+    Fallback(CellId),
+}
+
+#[derive(Clone, Debug)]
+pub struct Service {
+    pub name: ServiceName,
+    pub hosts: Vec<HostPattern>,
+    /// Fully qualified, lower case, without the trailing dot.
+    pub dns_name: Option<String>,
+    /// Distinct cells, in file order (which is the `failover` order).
+    pub cells: Vec<CellId>,
+    pub policy: Policy,
+    pub sticky: Option<Sticky>,
+    pub shard_key: Option<ShardKeySource>,
+    pub residency: Vec<Residency>,
+    pub all_down: AllDown,
+    pub dns_ttl: Duration,
+    /// TTL while the answer's cell is degraded or draining.
+    pub dns_degraded_ttl: Duration,
+    /// How many cells a DNS answer names (1 = primary only).
+    pub dns_answers: usize,
+}
+
+impl Service {
+    pub const DEFAULT_DNS_TTL: Duration = Duration::from_secs(30);
+    pub const DEFAULT_DNS_DEGRADED_TTL: Duration = Duration::from_secs(5);
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pin {
+    pub service: ServiceName,
+    pub key: String,
+    pub cell: CellId,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Geo {
+    pub mmdb: Option<PathBuf>,
+    /// Looked up before the mmdb; the longest matching prefix wins.
+    pub networks: Vec<GeoNetwork>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GeoNetwork {
+    pub net: IpNet,
+    pub country: Country,
+    pub location: GeoPoint,
+}

@@ -1,0 +1,198 @@
+//! The file format as serde sees it. Scalars that need checking (addresses,
+//! durations, coordinates) stay strings or numbers here so that validation
+//! can report every problem with its key path, not only the first.
+
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    pub edge: RawEdge,
+    #[serde(default)]
+    pub listeners: RawListeners,
+    /// Defaults for every cell's `health` table.
+    #[serde(default)]
+    pub health: RawHealth,
+    #[serde(default)]
+    pub sticky_secret: Option<RawSecret>,
+    #[serde(default)]
+    pub cells: Vec<RawCell>,
+    #[serde(default)]
+    pub services: Vec<RawService>,
+    #[serde(default)]
+    pub pins: Vec<RawPin>,
+    #[serde(default)]
+    pub geo: RawGeo,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawEdge {
+    pub name: String,
+    pub location: RawPoint,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPoint {
+    pub lat: f64,
+    pub lon: f64,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawListeners {
+    pub http: Option<String>,
+    pub https: Option<RawTls>,
+    pub dns: Option<String>,
+    pub admin: Option<String>,
+    #[serde(default)]
+    pub tcp: Vec<RawTcpListener>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTls {
+    pub listen: String,
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTcpListener {
+    pub listen: String,
+    pub service: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSecret {
+    pub env: Option<String>,
+    pub file: Option<String>,
+    #[serde(default)]
+    pub ephemeral_if_unset: bool,
+}
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHealth {
+    pub kind: Option<RawHealthKind>,
+    pub path: Option<String>,
+    pub expect_status: Option<[u16; 2]>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub rise: Option<u32>,
+    pub fall: Option<u32>,
+    pub min_healthy_fraction: Option<f64>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawHealthKind {
+    Http,
+    Tcp,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCell {
+    pub id: String,
+    pub region: String,
+    pub location: RawPoint,
+    pub country: String,
+    pub capacity: Option<f64>,
+    pub load_limit: Option<f64>,
+    #[serde(default)]
+    pub http: Vec<String>,
+    #[serde(default)]
+    pub tcp: Vec<String>,
+    #[serde(default)]
+    pub dns: Vec<String>,
+    pub health: Option<RawHealth>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawPolicy {
+    Latency,
+    Geo,
+    Weighted,
+    Failover,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSticky {
+    pub cookie: String,
+    pub ttl: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub(crate) enum RawShardKey {
+    Header(String),
+    Cookie(String),
+    PathSegment(i64),
+    Query(String),
+    Sni,
+    ClientAddr,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawResidency {
+    pub countries: Vec<String>,
+    pub cells: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum RawAllDown {
+    Open,
+    Closed,
+    Fallback(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawService {
+    pub name: String,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    pub dns_name: Option<String>,
+    pub cells: Vec<String>,
+    pub policy: RawPolicy,
+    pub sticky: Option<RawSticky>,
+    pub shard_key: Option<RawShardKey>,
+    #[serde(default)]
+    pub residency: Vec<RawResidency>,
+    pub all_down: Option<RawAllDown>,
+    pub dns_ttl: Option<String>,
+    pub dns_degraded_ttl: Option<String>,
+    pub dns_answers: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPin {
+    pub service: String,
+    pub key: String,
+    pub cell: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawGeo {
+    pub mmdb: Option<String>,
+    #[serde(default)]
+    pub networks: Vec<RawGeoNetwork>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawGeoNetwork {
+    pub cidr: String,
+    pub country: String,
+    pub location: RawPoint,
+}

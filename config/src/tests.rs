@@ -1,0 +1,272 @@
+use std::path::{Path, PathBuf};
+
+use super::*;
+
+const BASE: &str = r#"
+[edge]
+name = "edge-1"
+location = { lat = 50.0, lon = 8.0 }
+
+[listeners]
+http = "127.0.0.1:8080"
+
+[sticky_secret]
+env = "CG_TEST_SECRET"
+
+[[cells]]
+id = "a"
+region = "r-a"
+location = { lat = 53.0, lon = -6.0 }
+country = "IE"
+http = ["127.0.0.1:18081"]
+
+[[cells]]
+id = "b"
+region = "r-b"
+location = { lat = 39.0, lon = -77.0 }
+country = "US"
+http = ["127.0.0.1:18082"]
+
+[[services]]
+name = "app"
+hosts = ["app.example.test", "*.app.example.test"]
+dns_name = "app.example.test."
+cells = ["a", "b"]
+policy = "geo"
+sticky = { cookie = "cg", ttl = "30m" }
+
+[[services]]
+name = "api"
+hosts = ["api.example.test"]
+cells = ["b"]
+policy = "latency"
+shard_key = { header = "X-Tenant" }
+"#;
+
+fn parse_str(text: &str) -> Result<Config, Error> {
+    parse(text, Path::new("/etc/cellgate/test.toml"))
+}
+
+/// Parses `text`, expects failure, and returns every problem line.
+fn errors(text: &str) -> Vec<String> {
+    match parse_str(text) {
+        Ok(_) => panic!("config was accepted:\n{text}"),
+        Err(e) => {
+            let all = e.to_string();
+            assert!(all.starts_with("/etc/cellgate/test.toml: "), "{all}");
+            all.lines().map(str::to_owned).collect()
+        }
+    }
+}
+
+fn assert_error(text: &str, key: &str, needle: &str) {
+    let errs = errors(text);
+    assert!(
+        errs.iter().any(|l| l.contains(&format!("{key}: ")) && l.contains(needle)),
+        "expected `{key}: …{needle}…` in:\n{}",
+        errs.join("\n")
+    );
+}
+
+#[test]
+fn base_config_is_valid() {
+    let c = parse_str(BASE).expect("valid");
+    assert_eq!(c.cells.len(), 2);
+    assert_eq!(c.services.len(), 2);
+    let app = c.service("app").expect("app");
+    assert_eq!(app.dns_name.as_deref(), Some("app.example.test"));
+    assert_eq!(
+        app.hosts,
+        vec![
+            HostPattern::Exact("app.example.test".into()),
+            HostPattern::Wildcard(".app.example.test".into())
+        ]
+    );
+    assert_eq!(app.sticky.as_ref().map(|s| s.ttl.as_secs()), Some(1800));
+    assert_eq!(app.all_down, AllDown::Open);
+    let api = c.service("api").expect("api");
+    assert_eq!(api.shard_key, Some(ShardKeySource::Header("x-tenant".into())));
+    let a = c.cell("a").expect("a");
+    assert_eq!(a.health, HealthCheck::default());
+    assert_eq!(a.load_limit, 1.0);
+}
+
+#[test]
+fn unknown_cell_in_service() {
+    let t = BASE.replace(r#"cells = ["a", "b"]"#, r#"cells = ["a", "b", "zz"]"#);
+    assert_error(&t, "services[0].cells[2]", "cell `zz` in service `app` is not defined");
+}
+
+#[test]
+fn unknown_cell_in_pin() {
+    let t = format!("{BASE}\n[[pins]]\nservice = \"api\"\nkey = \"t1\"\ncell = \"nope\"\n");
+    assert_error(&t, "pins[0].cell", "cell `nope` does not serve service `api`");
+}
+
+#[test]
+fn pin_to_cell_not_serving_service() {
+    let t = format!("{BASE}\n[[pins]]\nservice = \"api\"\nkey = \"t1\"\ncell = \"a\"\n");
+    assert_error(&t, "pins[0].cell", "cell `a` does not serve service `api`");
+}
+
+#[test]
+fn pin_to_unknown_service() {
+    let t = format!("{BASE}\n[[pins]]\nservice = \"web\"\nkey = \"t1\"\ncell = \"a\"\n");
+    assert_error(&t, "pins[0].service", "service `web` is not defined");
+}
+
+#[test]
+fn duplicate_cell_id() {
+    let t = BASE.replacen(r#"id = "b""#, r#"id = "a""#, 1);
+    assert_error(&t, "cells[1].id", "duplicate cell id `a` (first defined at cells[0])");
+}
+
+#[test]
+fn duplicate_service_name() {
+    let t = BASE.replace(r#"name = "api""#, r#"name = "app""#);
+    assert_error(&t, "services[1].name", "duplicate service `app`");
+}
+
+#[test]
+fn same_host_in_two_services() {
+    let t = BASE.replace(r#"hosts = ["api.example.test"]"#, r#"hosts = ["APP.example.test"]"#);
+    assert_error(&t, "services[1].hosts[0]", "host `app.example.test` is already used by service `app`");
+}
+
+#[test]
+fn service_without_cells() {
+    let t = BASE.replace(r#"cells = ["b"]"#, "cells = []");
+    assert_error(&t, "services[1].cells", "service `api` has no cells");
+}
+
+#[test]
+fn invalid_socket_address() {
+    let t = BASE.replace(r#"http = ["127.0.0.1:18082"]"#, r#"http = ["127.0.0.1"]"#);
+    assert_error(&t, "cells[1].http[0]", "invalid socket address `127.0.0.1`");
+    let t = BASE.replace(r#"http = "127.0.0.1:8080""#, r#"http = "localhost:http""#);
+    assert_error(&t, "listeners.http", "invalid socket address `localhost:http`");
+}
+
+#[test]
+fn invalid_duration() {
+    let t = BASE.replace(r#"ttl = "30m""#, r#"ttl = "half an hour""#);
+    assert_error(&t, "services[0].sticky.ttl", "invalid duration `half an hour`");
+}
+
+#[test]
+fn unknown_field() {
+    let t = BASE.replace(r#"policy = "latency""#, "policy = \"latency\"\nretries = 3");
+    let errs = errors(&t);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].contains("services[1]") && errs[0].contains("unknown field `retries`"), "{errs:?}");
+    assert!(errs[0].contains("line "), "{errs:?}");
+}
+
+#[test]
+fn unknown_policy_names_the_choices() {
+    let t = BASE.replace(r#"policy = "latency""#, r#"policy = "fastest""#);
+    let errs = errors(&t);
+    assert!(errs[0].contains("services[1].policy") && errs[0].contains("latency"), "{errs:?}");
+}
+
+#[test]
+fn latitude_and_longitude_out_of_range() {
+    let t = BASE.replace("lat = 53.0, lon = -6.0", "lat = 93.0, lon = -186.0");
+    assert_error(&t, "cells[0].location.lat", "latitude 93 is out of range");
+    assert_error(&t, "cells[0].location.lon", "longitude -186 is out of range");
+}
+
+#[test]
+fn load_limit_out_of_range() {
+    for bad in ["0.0", "1.5", "-0.2"] {
+        let t = BASE.replace(r#"country = "US""#, &format!("country = \"US\"\nload_limit = {bad}"));
+        assert_error(&t, "cells[1].load_limit", "expected a value in (0, 1]");
+    }
+    let t = BASE.replace(r#"country = "US""#, "country = \"US\"\nload_limit = 1.0");
+    assert!(parse_str(&t).is_ok());
+}
+
+#[test]
+fn missing_cert_key_and_geo_files() {
+    let t = BASE.replace(
+        r#"http = "127.0.0.1:8080""#,
+        "http = \"127.0.0.1:8080\"\nhttps = { listen = \"127.0.0.1:8443\", cert = \"nope.crt\", key = \"/nonexistent/k.pem\" }",
+    ) + "\n[geo]\nmmdb = \"GeoLite2-City.mmdb\"\n";
+    assert_error(&t, "listeners.https.cert", "file `/etc/cellgate/nope.crt` does not exist");
+    assert_error(&t, "listeners.https.key", "file `/nonexistent/k.pem` does not exist");
+    assert_error(&t, "geo.mmdb", "GeoLite2-City.mmdb` does not exist");
+}
+
+#[test]
+fn existing_files_resolve_relative_to_the_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("tls.crt"), "x").expect("write");
+    std::fs::write(dir.path().join("tls.key"), "x").expect("write");
+    let t = BASE.replace(
+        r#"http = "127.0.0.1:8080""#,
+        "http = \"127.0.0.1:8080\"\nhttps = { listen = \"127.0.0.1:8443\", cert = \"tls.crt\", key = \"tls.key\" }",
+    );
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, t).expect("write");
+    let c = load(&path).expect("valid");
+    let https = c.listeners.https.expect("https");
+    assert_eq!(https.cert, dir.path().join("tls.crt"));
+}
+
+#[test]
+fn every_problem_is_reported_not_only_the_first() {
+    let t = BASE
+        .replace(r#"cells = ["b"]"#, r#"cells = ["c"]"#)
+        .replace("lat = 39.0", "lat = 99.0")
+        .replace(r#"ttl = "30m""#, r#"ttl = "soon""#);
+    let errs = errors(&t);
+    assert_eq!(errs.len(), 3, "{errs:#?}");
+}
+
+#[test]
+fn sticky_service_needs_a_secret() {
+    let t = BASE.replace("[sticky_secret]\nenv = \"CG_TEST_SECRET\"\n", "");
+    assert_error(&t, "services[0].sticky", "sticky_secret");
+}
+
+#[test]
+fn residency_and_fallback_must_name_serving_cells() {
+    let t = BASE.replace(
+        r#"policy = "latency""#,
+        "policy = \"latency\"\nall_down = { fallback = \"a\" }\nresidency = [{ countries = [\"DE\"], cells = [\"a\"] }]",
+    );
+    assert_error(&t, "services[1].all_down.fallback", "fallback cell `a` does not serve service `api`");
+    assert_error(&t, "services[1].residency[0].cells[0]", "cell `a` does not serve service `api`");
+}
+
+#[test]
+fn listeners_may_not_share_an_address() {
+    let t = BASE.replace(r#"http = "127.0.0.1:8080""#, "http = \"127.0.0.1:8080\"\nadmin = \"127.0.0.1:8080\"");
+    assert_error(&t, "listeners.admin", "address 127.0.0.1:8080 is already used by listeners.http");
+}
+
+#[test]
+fn invalid_toml_names_the_line() {
+    let errs = errors("[edge]\nname = \"x\"\nlocation = { lat = 1, lon = \n");
+    assert!(errs[0].contains("line 3") && errs[0].contains("invalid TOML"), "{errs:?}");
+}
+
+#[test]
+fn missing_file_is_a_read_error() {
+    let e = load(Path::new("/nonexistent/cellgate.toml")).expect_err("missing");
+    assert!(e.to_string().contains("/nonexistent/cellgate.toml: cannot read config"), "{e}");
+}
+
+#[test]
+fn every_example_loads() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 1, "no examples found in {}", dir.display());
+}

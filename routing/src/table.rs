@@ -1,0 +1,495 @@
+//! The routing table: an immutable snapshot of everything a routing
+//! decision needs, with every client-independent ranking precomputed.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
+
+use cellgate_config::{AllDown, CellId, Config, Country, HostPattern, Policy, ServiceName};
+
+use crate::{
+    geo::{self, NearestIndex, Unit},
+    hash::ShardRing,
+    Timestamp,
+};
+
+/// Index of a cell in [`RoutingTable::cells`] (and in `Config::cells`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CellIdx(pub u32);
+
+/// Index of a service in [`RoutingTable::services`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceIdx(pub u32);
+
+/// What the prober (or passive tracking) thinks of a cell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Health {
+    /// No probe result yet.
+    #[default]
+    Unknown,
+    Up,
+    Down,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DrainMode {
+    /// No new sessions; sticky sessions and bound shard keys stay until the
+    /// deadline.
+    Soft,
+    /// Nothing new at all, at once.
+    Hard,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Drain {
+    pub mode: DrainMode,
+    pub started: Timestamp,
+    /// After this a soft drain behaves like a hard one. `None`: never.
+    pub deadline: Option<Timestamp>,
+}
+
+/// One cell as measured from this edge.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CellMeasurement {
+    pub health: Health,
+    /// Smoothed round-trip time of probes.
+    pub srtt: Option<Duration>,
+    pub rtt_p50: Option<Duration>,
+    pub rtt_p99: Option<Duration>,
+    /// Utilisation 0..=1 reported by the cell; `None` when unknown.
+    pub load: Option<f64>,
+    pub endpoints_up: u32,
+    pub endpoints_total: u32,
+}
+
+/// Everything the prober knows, keyed by cell.
+#[derive(Clone, Debug, Default)]
+pub struct Measurements {
+    pub cells: HashMap<CellId, CellMeasurement>,
+    /// Every cell failed at once: more likely this edge lost its network
+    /// than every cell died.
+    pub prober_blind: bool,
+}
+
+/// Shard pins: service → key → cell.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pins(pub HashMap<ServiceName, HashMap<String, CellId>>);
+
+impl Pins {
+    pub fn from_config(config: &Config) -> Self {
+        let mut pins = Pins::default();
+        for p in &config.pins {
+            pins.insert(p.service.clone(), p.key.clone(), p.cell.clone());
+        }
+        pins
+    }
+    pub fn insert(&mut self, service: ServiceName, key: String, cell: CellId) {
+        self.0.entry(service).or_default().insert(key, cell);
+    }
+    pub fn get(&self, service: &str, key: &str) -> Option<&CellId> {
+        self.0.get(service)?.get(key)
+    }
+    pub fn len(&self) -> usize {
+        self.0.values().map(HashMap::len).sum()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What operators have said: drains, weights, pins. Outlives restarts.
+#[derive(Clone, Debug, Default)]
+pub struct OperatorState {
+    pub drains: BTreeMap<CellId, Drain>,
+    /// Multiplier on a cell's configured capacity (default 1).
+    pub weights: BTreeMap<CellId, f64>,
+    /// Pins added at run time; they win over the config's pins. Shared, so a
+    /// table rebuild does not copy them.
+    pub pins: Arc<Pins>,
+}
+
+/// Whether a cell takes new traffic, before per-service rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CellState {
+    Eligible,
+    Unknown,
+    Down,
+    Drained(Drain),
+}
+
+/// A cell in the table.
+#[derive(Clone, Debug)]
+pub struct CellEntry {
+    pub id: CellId,
+    pub state: CellState,
+    pub measurement: CellMeasurement,
+    pub drain: Option<Drain>,
+    /// Capacity × operator weight.
+    pub weight: f64,
+    pub over_limit: bool,
+    pub(crate) unit: Unit,
+}
+
+impl CellEntry {
+    /// The steering score of the `latency` policy: smoothed RTT in ms,
+    /// multiplied by `1 + 2 × load` so a loaded cell needs to be much closer
+    /// to win. Unmeasured cells score last.
+    pub fn latency_score(&self) -> f64 {
+        match self.measurement.srtt {
+            Some(rtt) => rtt.as_secs_f64() * 1000.0 * (1.0 + 2.0 * self.measurement.load.unwrap_or(0.0)),
+            None => f64::INFINITY,
+        }
+    }
+    /// The share of the `weighted` policy: capacity × spare load.
+    pub fn weighted_share(&self) -> f64 {
+        let spare = 1.0 - self.measurement.load.unwrap_or(0.0).clamp(0.0, 1.0);
+        (self.weight * spare).max(self.weight * 0.01)
+    }
+}
+
+/// A set of cells as a bitset over [`CellIdx`].
+#[derive(Clone, Debug, Default)]
+pub(crate) struct CellSet(Vec<u64>);
+
+impl CellSet {
+    fn with_capacity(n: usize) -> Self {
+        Self(vec![0; n.div_ceil(64)])
+    }
+    fn insert(&mut self, c: CellIdx) {
+        let i = c.0 as usize;
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+    pub(crate) fn contains(&self, c: CellIdx) -> bool {
+        let i = c.0 as usize;
+        self.0.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+}
+
+/// The cells one class of clients (by residency) may use, ranked.
+#[derive(Debug)]
+pub(crate) struct Class {
+    /// Cells of the service this class may ever use.
+    pub(crate) allowed: CellSet,
+    /// Eligible cells in policy order: those within their load limit first,
+    /// then (from `spill_from`) those over it.
+    pub(crate) ranked: Vec<CellIdx>,
+    pub(crate) spill_from: usize,
+    /// For `weighted`: cumulative shares of `ranked[..spill_from]`.
+    pub(crate) cumulative: Vec<f64>,
+    /// For `geo`: nearest-cell indexes of the two tiers.
+    pub(crate) near: [NearestIndex; 2],
+    /// When nothing is eligible: allowed cells that are not hard-drained,
+    /// least bad first (unknown before down, then policy order).
+    pub(crate) fail_open: Vec<CellIdx>,
+}
+
+/// A service in the table.
+#[derive(Debug)]
+pub struct ServiceRoute {
+    pub name: ServiceName,
+    pub policy: Policy,
+    /// Index in `Config::services`.
+    pub spec: usize,
+    pub(crate) ring: Arc<ShardRing>,
+    pub(crate) classes: Vec<Class>,
+    pub(crate) country_class: HashMap<Country, usize>,
+    pub(crate) all_down: AllDownRoute,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum AllDownRoute {
+    Open,
+    Closed,
+    Fallback(CellIdx),
+}
+
+impl ServiceRoute {
+    pub(crate) fn class(&self, country: Option<Country>) -> &Class {
+        let i = country.and_then(|c| self.country_class.get(&c).copied()).unwrap_or(0);
+        &self.classes[i]
+    }
+    /// Whether residency lets a client from `country` use `cell`.
+    pub fn allows(&self, country: Option<Country>, cell: CellIdx) -> bool {
+        self.class(country).allowed.contains(cell)
+    }
+    /// Every cell of the service (the shard ring's members).
+    pub fn cells(&self) -> &[CellIdx] {
+        self.ring.members()
+    }
+}
+
+/// An immutable, versioned snapshot of everything routing needs. Built off
+/// the request path by [`RoutingTable::build`]; readers share it through an
+/// `Arc` and never lock.
+#[derive(Debug)]
+pub struct RoutingTable {
+    pub generation: u64,
+    pub config: Arc<Config>,
+    pub cells: Vec<CellEntry>,
+    pub services: Vec<ServiceRoute>,
+    pub prober_blind: bool,
+    pub(crate) cell_index: HashMap<CellId, CellIdx>,
+    pub(crate) exact_hosts: HashMap<String, ServiceIdx>,
+    pub(crate) wildcard_hosts: HashMap<String, ServiceIdx>,
+    pub(crate) dns_names: HashMap<String, ServiceIdx>,
+    pub(crate) config_pins: Arc<Pins>,
+    pub(crate) operator_pins: Arc<Pins>,
+    pub(crate) edge_unit: Unit,
+}
+
+impl RoutingTable {
+    /// Builds a table. `previous` lends work that depends only on
+    /// membership (shard rings, config pins) so a rebuild after a health or
+    /// operator change is cheap.
+    pub fn build(
+        config: Arc<Config>,
+        measurements: &Measurements,
+        operator: &OperatorState,
+        previous: Option<&RoutingTable>,
+        generation: u64,
+    ) -> RoutingTable {
+        let same_config = previous.is_some_and(|p| Arc::ptr_eq(&p.config, &config));
+        let cells: Vec<CellEntry> = config
+            .cells
+            .iter()
+            .map(|c| {
+                let m = measurements.cells.get(&c.id).cloned().unwrap_or_default();
+                let drain = operator.drains.get(&c.id).copied();
+                let state = match (drain, m.health) {
+                    (Some(d), _) => CellState::Drained(d),
+                    (None, Health::Up) => CellState::Eligible,
+                    (None, Health::Down) => CellState::Down,
+                    (None, Health::Unknown) => CellState::Unknown,
+                };
+                let weight = c.capacity * operator.weights.get(&c.id).copied().unwrap_or(1.0).max(0.0);
+                CellEntry {
+                    id: c.id.clone(),
+                    state,
+                    over_limit: m.load.is_some_and(|l| l > c.load_limit),
+                    measurement: m,
+                    drain,
+                    weight,
+                    unit: geo::unit(c.location),
+                }
+            })
+            .collect();
+        let cell_index: HashMap<CellId, CellIdx> = match previous {
+            Some(p) if same_config => p.cell_index.clone(),
+            _ => cells.iter().enumerate().map(|(i, c)| (c.id.clone(), CellIdx(i as u32))).collect(),
+        };
+
+        let mut exact_hosts = HashMap::new();
+        let mut wildcard_hosts = HashMap::new();
+        let mut dns_names = HashMap::new();
+        let mut services = Vec::with_capacity(config.services.len());
+        for (si, s) in config.services.iter().enumerate() {
+            let sidx = ServiceIdx(si as u32);
+            for h in &s.hosts {
+                match h {
+                    HostPattern::Exact(h) => exact_hosts.insert(h.clone(), sidx),
+                    HostPattern::Wildcard(suffix) => wildcard_hosts.insert(suffix.clone(), sidx),
+                };
+            }
+            if let Some(n) = &s.dns_name {
+                dns_names.insert(n.clone(), sidx);
+            }
+            let members: Vec<CellIdx> = s.cells.iter().filter_map(|c| cell_index.get(c).copied()).collect();
+            let ring = previous
+                .and_then(|p| p.services.iter().find(|r| r.name == s.name))
+                .filter(|r| r.ring.members() == members.as_slice() && same_config)
+                .map(|r| r.ring.clone())
+                .unwrap_or_else(|| {
+                    let named: Vec<(CellIdx, &str)> =
+                        members.iter().map(|&c| (c, cells[c.0 as usize].id.as_str())).collect();
+                    Arc::new(ShardRing::new(&named))
+                });
+            let mut country_class = HashMap::new();
+            let mut allowed_sets = vec![members.clone()];
+            for (ri, r) in s.residency.iter().enumerate() {
+                for c in &r.countries {
+                    country_class.insert(*c, ri + 1);
+                }
+                allowed_sets.push(r.cells.iter().filter_map(|c| cell_index.get(c).copied()).collect());
+            }
+            let classes = allowed_sets
+                .iter()
+                .map(|allowed| build_class(s.policy, allowed, &cells))
+                .collect();
+            let all_down = match &s.all_down {
+                AllDown::Open => AllDownRoute::Open,
+                AllDown::Closed => AllDownRoute::Closed,
+                AllDown::Fallback(c) => cell_index.get(c).map_or(AllDownRoute::Open, |&c| AllDownRoute::Fallback(c)),
+            };
+            services.push(ServiceRoute {
+                name: s.name.clone(),
+                policy: s.policy,
+                spec: si,
+                ring,
+                classes,
+                country_class,
+                all_down,
+            });
+        }
+        let config_pins = match previous {
+            Some(p) if same_config => p.config_pins.clone(),
+            _ => Arc::new(Pins::from_config(&config)),
+        };
+        RoutingTable {
+            generation,
+            edge_unit: geo::unit(config.edge.location),
+            config,
+            cells,
+            services,
+            prober_blind: measurements.prober_blind,
+            cell_index,
+            exact_hosts,
+            wildcard_hosts,
+            dns_names,
+            config_pins,
+            operator_pins: operator.pins.clone(),
+        }
+    }
+
+    pub fn cell(&self, idx: CellIdx) -> &CellEntry {
+        &self.cells[idx.0 as usize]
+    }
+
+    pub fn cell_idx(&self, id: &str) -> Option<CellIdx> {
+        self.cell_index.get(id).copied()
+    }
+
+    /// The cell's static description from config.
+    pub fn cell_spec(&self, idx: CellIdx) -> &cellgate_config::Cell {
+        &self.config.cells[idx.0 as usize]
+    }
+
+    pub fn service(&self, idx: ServiceIdx) -> &ServiceRoute {
+        &self.services[idx.0 as usize]
+    }
+
+    pub fn service_spec(&self, idx: ServiceIdx) -> &cellgate_config::Service {
+        &self.config.services[self.service(idx).spec]
+    }
+
+    pub fn service_idx(&self, name: &str) -> Option<ServiceIdx> {
+        self.services.iter().position(|s| s.name.as_str() == name).map(|i| ServiceIdx(i as u32))
+    }
+
+    /// The service for an HTTP `Host` (or TLS SNI) value: an exact name
+    /// first, then the longest matching `*.` wildcard. Case-insensitive; a
+    /// `:port` suffix and a trailing dot are ignored.
+    pub fn service_by_host(&self, host: &str) -> Option<ServiceIdx> {
+        let host = strip_port(host);
+        let host = host.strip_suffix('.').unwrap_or(host);
+        let lower;
+        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            lower = host.to_ascii_lowercase();
+            lower.as_str()
+        } else {
+            host
+        };
+        if let Some(s) = self.exact_hosts.get(host) {
+            return Some(*s);
+        }
+        if self.wildcard_hosts.is_empty() {
+            return None;
+        }
+        // Longest suffix first: ".a.b.c" before ".b.c".
+        host.match_indices('.')
+            .find_map(|(i, _)| if i == 0 { None } else { self.wildcard_hosts.get(&host[i..]).copied() })
+    }
+
+    /// The service whose DNS name is `name` (lower case, no trailing dot).
+    pub fn service_by_dns_name(&self, name: &str) -> Option<ServiceIdx> {
+        self.dns_names.get(name).copied()
+    }
+
+    /// The pinned cell of `key` in `service`, operator pins first.
+    pub fn pin(&self, service: &ServiceRoute, key: &str) -> Option<CellIdx> {
+        let name = service.name.as_str();
+        let id = self.operator_pins.get(name, key).or_else(|| self.config_pins.get(name, key))?;
+        self.cell_idx(id.as_str())
+    }
+
+    /// Number of pins in force.
+    pub fn pin_count(&self) -> usize {
+        self.operator_pins.len() + self.config_pins.len()
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host; // IP literal; never a service name
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+fn build_class(policy: Policy, allowed: &[CellIdx], cells: &[CellEntry]) -> Class {
+    let mut set = CellSet::with_capacity(cells.len());
+    for &c in allowed {
+        set.insert(c);
+    }
+    let entry = |c: &CellIdx| &cells[c.0 as usize];
+    let position = |c: &CellIdx| allowed.iter().position(|x| x == c).unwrap_or(usize::MAX);
+    let sort = |v: &mut Vec<CellIdx>| match policy {
+        Policy::Latency => v.sort_by(|a, b| {
+            entry(a).latency_score().total_cmp(&entry(b).latency_score()).then(position(a).cmp(&position(b)))
+        }),
+        Policy::Weighted => v.sort_by(|a, b| {
+            entry(b).weighted_share().total_cmp(&entry(a).weighted_share()).then(position(a).cmp(&position(b)))
+        }),
+        // Geo ranks per client; keep config order as the static fallback.
+        Policy::Failover | Policy::Geo => {}
+    };
+    let (mut within, mut over): (Vec<CellIdx>, Vec<CellIdx>) = allowed
+        .iter()
+        .copied()
+        .filter(|c| entry(c).state == CellState::Eligible)
+        .partition(|c| !entry(c).over_limit);
+    sort(&mut within);
+    sort(&mut over);
+    let mut cumulative = Vec::new();
+    if policy == Policy::Weighted {
+        let mut total = 0.0;
+        for c in &within {
+            total += entry(c).weighted_share();
+            cumulative.push(total);
+        }
+    }
+    let near = if policy == Policy::Geo {
+        let idx = |v: &[CellIdx]| NearestIndex::new(v.iter().map(|c| (entry(c).unit, *c)).collect());
+        [idx(&within), idx(&over)]
+    } else {
+        Default::default()
+    };
+    let mut fail_open: Vec<CellIdx> = allowed
+        .iter()
+        .copied()
+        .filter(|c| match entry(c).state {
+            CellState::Drained(d) => d.mode == DrainMode::Soft,
+            _ => true,
+        })
+        .collect();
+    sort(&mut fail_open);
+    // Stable: unknown (never probed) before down, and undrained before drained.
+    fail_open.sort_by_key(|c| match entry(c).state {
+        CellState::Eligible | CellState::Unknown => 0,
+        CellState::Down => 1,
+        CellState::Drained(_) => 2,
+    });
+    let spill_from = within.len();
+    within.extend(over);
+    Class {
+        allowed: set,
+        ranked: within,
+        spill_from,
+        cumulative,
+        near,
+        fail_open,
+    }
+}
