@@ -56,10 +56,7 @@ pub enum Error {
     /// The file is not valid TOML or does not fit the schema, or its values
     /// are invalid. Every problem found is listed.
     #[error("{}", ProblemList { file, problems })]
-    Invalid {
-        file: PathBuf,
-        problems: Vec<Problem>,
-    },
+    Invalid { file: PathBuf, problems: Vec<Problem> },
 }
 
 impl Error {

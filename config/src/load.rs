@@ -40,9 +40,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
 }
 
 fn deserialize(text: &str) -> Result<RawConfig, Problem> {
-    let line_of = |span: Option<std::ops::Range<usize>>| {
-        span.map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
-    };
+    let line_of =
+        |span: Option<std::ops::Range<usize>>| span.map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
     let de = toml::Deserializer::parse(text).map_err(|e| Problem {
         key: String::new(),
         line: line_of(e.span()),
@@ -88,10 +87,7 @@ impl Validator {
         let listeners = self.listeners(&raw.listeners, &services);
         let pins = self.pins(&raw.pins, &services);
         let geo = self.geo(&raw.geo);
-        let sticky_secret = raw
-            .sticky_secret
-            .as_ref()
-            .and_then(|s| self.secret("sticky_secret", s));
+        let sticky_secret = raw.sticky_secret.as_ref().and_then(|s| self.secret("sticky_secret", s));
         if sticky_secret.is_none() {
             if let Some((i, _)) = services.iter().enumerate().find(|(_, s)| s.sticky.is_some()) {
                 self.problem(
@@ -134,7 +130,9 @@ impl Validator {
             Err(_) => {
                 self.problem(
                     key,
-                    format!("invalid socket address `{s}`: expected IP:port, like \"127.0.0.1:8080\" or \"[::1]:8080\""),
+                    format!(
+                        "invalid socket address `{s}`: expected IP:port, like \"127.0.0.1:8080\" or \"[::1]:8080\""
+                    ),
                 );
                 None
             }
@@ -327,7 +325,10 @@ impl Validator {
             if !valid_id(&s.name) {
                 self.problem(
                     format!("{key}.name"),
-                    format!("invalid service name `{}`: expected letters, digits, `-`, `_` or `.`", s.name),
+                    format!(
+                        "invalid service name `{}`: expected letters, digits, `-`, `_` or `.`",
+                        s.name
+                    ),
                 );
             }
             if let Some(first) = names.insert(s.name.clone(), i) {
@@ -342,7 +343,9 @@ impl Validator {
                 let Some(p) = host_pattern(h) else {
                     self.problem(
                         hkey,
-                        format!("invalid host `{h}`: expected a DNS name like \"app.example.com\" or \"*.example.com\""),
+                        format!(
+                            "invalid host `{h}`: expected a DNS name like \"app.example.com\" or \"*.example.com\""
+                        ),
                     );
                     continue;
                 };
@@ -370,10 +373,7 @@ impl Validator {
                     Some(n)
                 }
                 None => {
-                    self.problem(
-                        format!("{key}.dns_name"),
-                        format!("invalid DNS name `{n}`"),
-                    );
+                    self.problem(format!("{key}.dns_name"), format!("invalid DNS name `{n}`"));
                     None
                 }
             });
@@ -387,10 +387,7 @@ impl Validator {
             for (j, c) in s.cells.iter().enumerate() {
                 let ckey = format!("{key}.cells[{j}]");
                 if !cell_ids.contains(c.as_str()) {
-                    self.problem(
-                        ckey,
-                        format!("cell `{c}` in service `{}` is not defined", s.name),
-                    );
+                    self.problem(ckey, format!("cell `{c}` in service `{}` is not defined", s.name));
                 } else if cells.iter().any(|x| x.as_str() == c) {
                     self.problem(ckey, format!("cell `{c}` is listed twice"));
                 } else {
@@ -423,9 +420,7 @@ impl Validator {
             let shard_key = s.shard_key.as_ref().and_then(|k| {
                 let kkey = format!("{key}.shard_key");
                 Some(match k {
-                    RawShardKey::Header(h) if valid_header_name(h) => {
-                        ShardKeySource::Header(h.to_ascii_lowercase())
-                    }
+                    RawShardKey::Header(h) if valid_header_name(h) => ShardKeySource::Header(h.to_ascii_lowercase()),
                     RawShardKey::Header(h) => {
                         self.problem(kkey, format!("invalid header name `{h}`"));
                         return None;
@@ -480,7 +475,10 @@ impl Validator {
                 if r.countries.is_empty() || r.cells.is_empty() {
                     self.problem(rkey, "a residency rule needs at least one country and one cell");
                 }
-                residency.push(Residency { countries, cells: rcells });
+                residency.push(Residency {
+                    countries,
+                    cells: rcells,
+                });
             }
             let all_down = match &s.all_down {
                 None | Some(RawAllDown::Open) => AllDown::Open,
@@ -505,7 +503,10 @@ impl Validator {
                 None => 1,
                 Some(n) if (1..=16).contains(&n) => n as usize,
                 Some(n) => {
-                    self.problem(format!("{key}.dns_answers"), format!("{n} is out of range: expected 1 to 16"));
+                    self.problem(
+                        format!("{key}.dns_answers"),
+                        format!("{n} is out of range: expected 1 to 16"),
+                    );
                     1
                 }
             };
@@ -544,7 +545,10 @@ impl Validator {
             let key = format!("listeners.tcp[{i}]");
             let addr = self.socket_addr(&format!("{key}.listen"), &t.listen);
             if !services.iter().any(|s| s.name.as_str() == t.service) {
-                self.problem(format!("{key}.service"), format!("service `{}` is not defined", t.service));
+                self.problem(
+                    format!("{key}.service"),
+                    format!("service `{}` is not defined", t.service),
+                );
             }
             if let Some(addr) = addr {
                 l.tcp.push(TcpListener {
@@ -579,7 +583,10 @@ impl Validator {
         for (i, p) in raw.iter().enumerate() {
             let key = format!("pins[{i}]");
             let Some(svc) = services.iter().find(|s| s.name.as_str() == p.service) else {
-                self.problem(format!("{key}.service"), format!("service `{}` is not defined", p.service));
+                self.problem(
+                    format!("{key}.service"),
+                    format!("service `{}` is not defined", p.service),
+                );
                 continue;
             };
             if !svc.cells.iter().any(|c| c.as_str() == p.cell) {
@@ -640,7 +647,10 @@ impl Validator {
                 Some(SecretSource::File(self.existing_file(&format!("{key}.file"), file)))
             }
             _ => {
-                self.problem(key, "expected exactly one of `env` (a variable name) or `file` (a path)");
+                self.problem(
+                    key,
+                    "expected exactly one of `env` (a variable name) or `file` (a path)",
+                );
                 None
             }
         }
@@ -650,19 +660,40 @@ impl Validator {
 fn valid_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 fn valid_cookie_name(s: &str) -> bool {
     !s.is_empty()
         && s.bytes().all(|b| {
-            b.is_ascii_graphic() && !matches!(b, b'(' | b')' | b'<' | b'>' | b'@' | b',' | b';' | b':' | b'\\' | b'"' | b'/' | b'[' | b']' | b'?' | b'=' | b'{' | b'}')
+            b.is_ascii_graphic()
+                && !matches!(
+                    b,
+                    b'(' | b')'
+                        | b'<'
+                        | b'>'
+                        | b'@'
+                        | b','
+                        | b';'
+                        | b':'
+                        | b'\\'
+                        | b'"'
+                        | b'/'
+                        | b'['
+                        | b']'
+                        | b'?'
+                        | b'='
+                        | b'{'
+                        | b'}'
+                )
         })
 }
 
 fn valid_header_name(s: &str) -> bool {
     !s.is_empty()
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// Lower-cases and checks a DNS name; strips one trailing dot.

@@ -94,8 +94,7 @@ pub struct GeoPoint {
 impl GeoPoint {
     /// Returns `None` when either coordinate is out of range or not finite.
     pub fn new(lat: f64, lon: f64) -> Option<Self> {
-        ((-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon))
-            .then_some(Self { lat, lon })
+        ((-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon)).then_some(Self { lat, lon })
     }
 }
 

@@ -62,7 +62,8 @@ fn errors(text: &str) -> Vec<String> {
 fn assert_error(text: &str, key: &str, needle: &str) {
     let errs = errors(text);
     assert!(
-        errs.iter().any(|l| l.contains(&format!("{key}: ")) && l.contains(needle)),
+        errs.iter()
+            .any(|l| l.contains(&format!("{key}: ")) && l.contains(needle)),
         "expected `{key}: …{needle}…` in:\n{}",
         errs.join("\n")
     );
@@ -130,7 +131,11 @@ fn duplicate_service_name() {
 #[test]
 fn same_host_in_two_services() {
     let t = BASE.replace(r#"hosts = ["api.example.test"]"#, r#"hosts = ["APP.example.test"]"#);
-    assert_error(&t, "services[1].hosts[0]", "host `app.example.test` is already used by service `app`");
+    assert_error(
+        &t,
+        "services[1].hosts[0]",
+        "host `app.example.test` is already used by service `app`",
+    );
 }
 
 #[test]
@@ -158,7 +163,10 @@ fn unknown_field() {
     let t = BASE.replace(r#"policy = "latency""#, "policy = \"latency\"\nretries = 3");
     let errs = errors(&t);
     assert_eq!(errs.len(), 1, "{errs:?}");
-    assert!(errs[0].contains("services[1]") && errs[0].contains("unknown field `retries`"), "{errs:?}");
+    assert!(
+        errs[0].contains("services[1]") && errs[0].contains("unknown field `retries`"),
+        "{errs:?}"
+    );
     assert!(errs[0].contains("line "), "{errs:?}");
 }
 
@@ -166,7 +174,10 @@ fn unknown_field() {
 fn unknown_policy_names_the_choices() {
     let t = BASE.replace(r#"policy = "latency""#, r#"policy = "fastest""#);
     let errs = errors(&t);
-    assert!(errs[0].contains("services[1].policy") && errs[0].contains("latency"), "{errs:?}");
+    assert!(
+        errs[0].contains("services[1].policy") && errs[0].contains("latency"),
+        "{errs:?}"
+    );
 }
 
 #[test]
@@ -192,7 +203,11 @@ fn missing_cert_key_and_geo_files() {
         r#"http = "127.0.0.1:8080""#,
         "http = \"127.0.0.1:8080\"\nhttps = { listen = \"127.0.0.1:8443\", cert = \"nope.crt\", key = \"/nonexistent/k.pem\" }",
     ) + "\n[geo]\nmmdb = \"GeoLite2-City.mmdb\"\n";
-    assert_error(&t, "listeners.https.cert", "file `/etc/cellgate/nope.crt` does not exist");
+    assert_error(
+        &t,
+        "listeners.https.cert",
+        "file `/etc/cellgate/nope.crt` does not exist",
+    );
     assert_error(&t, "listeners.https.key", "file `/nonexistent/k.pem` does not exist");
     assert_error(&t, "geo.mmdb", "GeoLite2-City.mmdb` does not exist");
 }
@@ -235,26 +250,47 @@ fn residency_and_fallback_must_name_serving_cells() {
         r#"policy = "latency""#,
         "policy = \"latency\"\nall_down = { fallback = \"a\" }\nresidency = [{ countries = [\"DE\"], cells = [\"a\"] }]",
     );
-    assert_error(&t, "services[1].all_down.fallback", "fallback cell `a` does not serve service `api`");
-    assert_error(&t, "services[1].residency[0].cells[0]", "cell `a` does not serve service `api`");
+    assert_error(
+        &t,
+        "services[1].all_down.fallback",
+        "fallback cell `a` does not serve service `api`",
+    );
+    assert_error(
+        &t,
+        "services[1].residency[0].cells[0]",
+        "cell `a` does not serve service `api`",
+    );
 }
 
 #[test]
 fn listeners_may_not_share_an_address() {
-    let t = BASE.replace(r#"http = "127.0.0.1:8080""#, "http = \"127.0.0.1:8080\"\nadmin = \"127.0.0.1:8080\"");
-    assert_error(&t, "listeners.admin", "address 127.0.0.1:8080 is already used by listeners.http");
+    let t = BASE.replace(
+        r#"http = "127.0.0.1:8080""#,
+        "http = \"127.0.0.1:8080\"\nadmin = \"127.0.0.1:8080\"",
+    );
+    assert_error(
+        &t,
+        "listeners.admin",
+        "address 127.0.0.1:8080 is already used by listeners.http",
+    );
 }
 
 #[test]
 fn invalid_toml_names_the_line() {
     let errs = errors("[edge]\nname = \"x\"\nlocation = { lat = 1, lon = \n");
-    assert!(errs[0].contains("line 3") && errs[0].contains("invalid TOML"), "{errs:?}");
+    assert!(
+        errs[0].contains("line 3") && errs[0].contains("invalid TOML"),
+        "{errs:?}"
+    );
 }
 
 #[test]
 fn missing_file_is_a_read_error() {
     let e = load(Path::new("/nonexistent/cellgate.toml")).expect_err("missing");
-    assert!(e.to_string().contains("/nonexistent/cellgate.toml: cannot read config"), "{e}");
+    assert!(
+        e.to_string().contains("/nonexistent/cellgate.toml: cannot read config"),
+        "{e}"
+    );
 }
 
 #[test]

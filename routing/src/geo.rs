@@ -72,7 +72,11 @@ impl NearestIndex {
         best.offer(chord2(p, q), *c);
         let axis = depth % 3;
         let diff = q[axis] - p[axis];
-        let (first, second) = if diff < 0.0 { ((lo, mid), (mid + 1, hi)) } else { ((mid + 1, hi), (lo, mid)) };
+        let (first, second) = if diff < 0.0 {
+            ((lo, mid), (mid + 1, hi))
+        } else {
+            ((mid + 1, hi), (lo, mid))
+        };
         self.search(first.0, first.1, depth + 1, q, best);
         if !best.full() || diff * diff < best.worst() {
             self.search(second.0, second.1, depth + 1, q, best);

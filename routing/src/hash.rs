@@ -112,7 +112,7 @@ impl ShardRing {
             .zip(&self.members)
             .map(|(s, c)| (mix(bseed ^ s), *c))
             .collect();
-        all.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        all.sort_unstable_by_key(|a| std::cmp::Reverse(a.0));
         all.into_iter().map(|(_, c)| c).collect()
     }
 }

@@ -78,7 +78,10 @@ impl Reason {
         match *self {
             Reason::Pinned => "shard key is pinned to this cell".into(),
             Reason::PinUnavailable { pinned } => {
-                format!("shard key is pinned to `{}`, which is not eligible; next in the key's hash order", table.cell(pinned).id)
+                format!(
+                    "shard key is pinned to `{}`, which is not eligible; next in the key's hash order",
+                    table.cell(pinned).id
+                )
             }
             Reason::ShardHome => "home cell of the shard key (rendezvous hash)".into(),
             Reason::ShardFailover { home, rank } => format!(
@@ -88,7 +91,9 @@ impl Reason {
             ),
             Reason::Sticky => "sticky session cookie names this cell".into(),
             Reason::Policy { policy, rank } => format!("policy `{policy}` ranks it {}", rank + 1),
-            Reason::Spill { policy } => format!("over its load limit: ranked after cells within theirs (policy `{policy}`)"),
+            Reason::Spill { policy } => {
+                format!("over its load limit: ranked after cells within theirs (policy `{policy}`)")
+            }
             Reason::FailOpen => "no cell is eligible: failing open on the least bad".into(),
             Reason::Fallback => "no cell is eligible: the service's fallback cell".into(),
         }
@@ -242,7 +247,12 @@ pub fn steer(table: &RoutingTable, q: &RouteQuery<'_>, now: Timestamp) -> Decisi
             }
             if d.is_empty() {
                 // Every precomputed choice is out: walk the full order.
-                for c in svc.ring.full_order(key.as_bytes()).into_iter().skip(crate::hash::ShardRing::MAX_DEPTH) {
+                for c in svc
+                    .ring
+                    .full_order(key.as_bytes())
+                    .into_iter()
+                    .skip(crate::hash::ShardRing::MAX_DEPTH)
+                {
                     if !consider(&mut d, c, home) {
                         break;
                     }
@@ -274,10 +284,14 @@ pub fn steer(table: &RoutingTable, q: &RouteQuery<'_>, now: Timestamp) -> Decisi
                         break;
                     }
                 }
-                d.outcome = if d.is_empty() { Outcome::Refused } else { Outcome::FailOpen };
+                d.outcome = if d.is_empty() {
+                    Outcome::Refused
+                } else {
+                    Outcome::FailOpen
+                };
             }
             AllDownRoute::Closed => d.outcome = Outcome::Refused,
-            AllDownRoute::Fallback(c) if class.allowed.contains(c) => {
+            AllDownRoute::Fallback(c) if class.allowed.contains(c) && !hard_drained(table.cell(c).state) => {
                 d.push(limit, c, Reason::Fallback);
                 d.outcome = Outcome::Fallback;
             }
@@ -285,6 +299,10 @@ pub fn steer(table: &RoutingTable, q: &RouteQuery<'_>, now: Timestamp) -> Decisi
         }
     }
     d
+}
+
+fn hard_drained(state: CellState) -> bool {
+    matches!(state, CellState::Drained(d) if d.mode == DrainMode::Hard)
 }
 
 fn policy_order(table: &RoutingTable, svc: &ServiceRoute, q: &RouteQuery<'_>, limit: usize, d: &mut Decision) {
@@ -312,7 +330,10 @@ fn policy_order(table: &RoutingTable, svc: &ServiceRoute, q: &RouteQuery<'_>, li
             let mut first = None;
             if let Some(&total) = class.cumulative.last() {
                 let u = (q.seed >> 11) as f64 / (1u64 << 53) as f64 * total;
-                let i = class.cumulative.partition_point(|&c| c <= u).min(class.cumulative.len() - 1);
+                let i = class
+                    .cumulative
+                    .partition_point(|&c| c <= u)
+                    .min(class.cumulative.len() - 1);
                 first = Some(class.ranked[i]);
                 if !d.push(limit, class.ranked[i], Reason::Policy { policy, rank: 0 }) {
                     return;
@@ -339,7 +360,11 @@ fn policy_order(table: &RoutingTable, svc: &ServiceRoute, q: &RouteQuery<'_>, li
             let mut rank = 0u8;
             for (tier, index) in class.near.iter().enumerate() {
                 for c in index.nearest(&at, want).cells() {
-                    let r = if tier == 0 { Reason::Policy { policy, rank } } else { Reason::Spill { policy } };
+                    let r = if tier == 0 {
+                        Reason::Policy { policy, rank }
+                    } else {
+                        Reason::Spill { policy }
+                    };
                     rank = rank.saturating_add(1);
                     if !d.push(limit, c, r) {
                         return;

@@ -85,7 +85,9 @@ impl StickyKey {
         if n != MAC_LEN {
             return None;
         }
-        self.tag(service, cell, secs).verify_truncated_left(&tag[..MAC_LEN]).ok()?;
+        self.tag(service, cell, secs)
+            .verify_truncated_left(&tag[..MAC_LEN])
+            .ok()?;
         let expires = Timestamp::from_unix_millis(secs.checked_mul(1000)?);
         (now < expires).then(|| StickyToken {
             cell: CellId::new(cell),

@@ -230,7 +230,7 @@ pub struct RoutingTable {
     pub cells: Vec<CellEntry>,
     pub services: Vec<ServiceRoute>,
     pub prober_blind: bool,
-    pub(crate) cell_index: HashMap<CellId, CellIdx>,
+    pub(crate) cell_index: Arc<HashMap<CellId, CellIdx>>,
     pub(crate) exact_hosts: HashMap<String, ServiceIdx>,
     pub(crate) wildcard_hosts: HashMap<String, ServiceIdx>,
     pub(crate) dns_names: HashMap<String, ServiceIdx>,
@@ -275,9 +275,15 @@ impl RoutingTable {
                 }
             })
             .collect();
-        let cell_index: HashMap<CellId, CellIdx> = match previous {
+        let cell_index: Arc<HashMap<CellId, CellIdx>> = match previous {
             Some(p) if same_config => p.cell_index.clone(),
-            _ => cells.iter().enumerate().map(|(i, c)| (c.id.clone(), CellIdx(i as u32))).collect(),
+            _ => Arc::new(
+                cells
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.id.clone(), CellIdx(i as u32)))
+                    .collect(),
+            ),
         };
 
         let mut exact_hosts = HashMap::new();
@@ -320,7 +326,9 @@ impl RoutingTable {
             let all_down = match &s.all_down {
                 AllDown::Open => AllDownRoute::Open,
                 AllDown::Closed => AllDownRoute::Closed,
-                AllDown::Fallback(c) => cell_index.get(c).map_or(AllDownRoute::Open, |&c| AllDownRoute::Fallback(c)),
+                AllDown::Fallback(c) => cell_index
+                    .get(c)
+                    .map_or(AllDownRoute::Open, |&c| AllDownRoute::Fallback(c)),
             };
             services.push(ServiceRoute {
                 name: s.name.clone(),
@@ -374,7 +382,10 @@ impl RoutingTable {
     }
 
     pub fn service_idx(&self, name: &str) -> Option<ServiceIdx> {
-        self.services.iter().position(|s| s.name.as_str() == name).map(|i| ServiceIdx(i as u32))
+        self.services
+            .iter()
+            .position(|s| s.name.as_str() == name)
+            .map(|i| ServiceIdx(i as u32))
     }
 
     /// The service for an HTTP `Host` (or TLS SNI) value: an exact name
@@ -397,8 +408,13 @@ impl RoutingTable {
             return None;
         }
         // Longest suffix first: ".a.b.c" before ".b.c".
-        host.match_indices('.')
-            .find_map(|(i, _)| if i == 0 { None } else { self.wildcard_hosts.get(&host[i..]).copied() })
+        host.match_indices('.').find_map(|(i, _)| {
+            if i == 0 {
+                None
+            } else {
+                self.wildcard_hosts.get(&host[i..]).copied()
+            }
+        })
     }
 
     /// The service whose DNS name is `name` (lower case, no trailing dot).
@@ -409,7 +425,10 @@ impl RoutingTable {
     /// The pinned cell of `key` in `service`, operator pins first.
     pub fn pin(&self, service: &ServiceRoute, key: &str) -> Option<CellIdx> {
         let name = service.name.as_str();
-        let id = self.operator_pins.get(name, key).or_else(|| self.config_pins.get(name, key))?;
+        let id = self
+            .operator_pins
+            .get(name, key)
+            .or_else(|| self.config_pins.get(name, key))?;
         self.cell_idx(id.as_str())
     }
 
@@ -435,16 +454,22 @@ fn build_class(policy: Policy, allowed: &[CellIdx], cells: &[CellEntry]) -> Clas
         set.insert(c);
     }
     let entry = |c: &CellIdx| &cells[c.0 as usize];
-    let position = |c: &CellIdx| allowed.iter().position(|x| x == c).unwrap_or(usize::MAX);
-    let sort = |v: &mut Vec<CellIdx>| match policy {
-        Policy::Latency => v.sort_by(|a, b| {
-            entry(a).latency_score().total_cmp(&entry(b).latency_score()).then(position(a).cmp(&position(b)))
-        }),
-        Policy::Weighted => v.sort_by(|a, b| {
-            entry(b).weighted_share().total_cmp(&entry(a).weighted_share()).then(position(a).cmp(&position(b)))
-        }),
-        // Geo ranks per client; keep config order as the static fallback.
-        Policy::Failover | Policy::Geo => {}
+    // Sort keys computed once per cell, not per comparison.
+    let mut key = vec![(0.0f64, u32::MAX); cells.len()];
+    for (i, c) in allowed.iter().enumerate() {
+        let score = match policy {
+            Policy::Latency => entry(c).latency_score(),
+            Policy::Weighted => -entry(c).weighted_share(),
+            // Geo ranks per client; config order is its static fallback.
+            Policy::Failover | Policy::Geo => 0.0,
+        };
+        key[c.0 as usize] = (score, i as u32);
+    }
+    let sort = |v: &mut Vec<CellIdx>| {
+        v.sort_unstable_by(|a, b| {
+            let (ka, kb) = (key[a.0 as usize], key[b.0 as usize]);
+            ka.0.total_cmp(&kb.0).then(ka.1.cmp(&kb.1))
+        })
     };
     let (mut within, mut over): (Vec<CellIdx>, Vec<CellIdx>) = allowed
         .iter()

@@ -8,9 +8,8 @@ use crate::{hash::ShardRing, *};
 /// A topology of `n` cells `c0..` spread over the globe, one service `svc`
 /// serving all of them with `policy` and the extra service lines `extra`.
 fn config(n: usize, policy: &str, extra: &str) -> Arc<Config> {
-    let mut t = String::from(
-        "[edge]\nname = \"e\"\nlocation = { lat = 50.11, lon = 8.68 }\n[sticky_secret]\nenv = \"X\"\n",
-    );
+    let mut t =
+        String::from("[edge]\nname = \"e\"\nlocation = { lat = 50.11, lon = 8.68 }\n[sticky_secret]\nenv = \"X\"\n");
     let countries = ["IE", "US", "IN", "DE", "JP", "BR"];
     for i in 0..n {
         let lat = -60.0 + (i as f64 * 37.0) % 120.0;
@@ -91,7 +90,13 @@ fn latency_policy_penalises_load() {
     let t = table(&c, &m, &OperatorState::default());
     let d = steer(&t, &q(&t), NOW);
     assert_eq!(ids(&t, &d), ["c1", "c2", "c0"]);
-    assert_eq!(d.candidates()[0].reason, Reason::Policy { policy: config::Policy::Latency, rank: 0 });
+    assert_eq!(
+        d.candidates()[0].reason,
+        Reason::Policy {
+            policy: config::Policy::Latency,
+            rank: 0
+        }
+    );
 }
 
 #[test]
@@ -102,7 +107,12 @@ fn over_limit_cells_spill_after_the_rest() {
     let t = table(&c, &m, &OperatorState::default());
     let d = steer(&t, &q(&t), NOW);
     assert_eq!(ids(&t, &d), ["c1", "c2", "c0"]);
-    assert_eq!(d.candidates()[2].reason, Reason::Spill { policy: config::Policy::Failover });
+    assert_eq!(
+        d.candidates()[2].reason,
+        Reason::Spill {
+            policy: config::Policy::Failover
+        }
+    );
 }
 
 #[test]
@@ -249,7 +259,11 @@ fn soft_drain_keeps_bound_traffic_until_the_deadline_hard_drain_does_not() {
     shard.shard_key = Some(&key);
     assert_eq!(ids(&t, &steer(&t, &shard, NOW))[0], "c0");
     let second = t.service(shard.service).ring.order(key.as_bytes()).nth(1);
-    assert_eq!(steer(&t, &shard, deadline).primary(), second, "after the deadline: the key's next choice");
+    assert_eq!(
+        steer(&t, &shard, deadline).primary(),
+        second,
+        "after the deadline: the key's next choice"
+    );
 
     op.drains.get_mut("c0").expect("drain").mode = DrainMode::Hard;
     let t = table(&c, &m, &op);
@@ -348,7 +362,14 @@ fn sticky_tokens_round_trip_and_expire() {
     assert_eq!(key.verify("app", &v, exp), None, "expired");
     assert_eq!(key.verify("api", &v, NOW), None, "other service");
     assert_eq!(StickyKey::new(b"other").verify("app", &v, NOW), None, "other secret");
-    for junk in ["", ":", "::", "eu-west:1:", "eu-west:99999999999999:AAAAAAAAAAAAAAAAAAAAAA", "\u{fffd}"] {
+    for junk in [
+        "",
+        ":",
+        "::",
+        "eu-west:1:",
+        "eu-west:99999999999999:AAAAAAAAAAAAAAAAAAAAAA",
+        "\u{fffd}",
+    ] {
         assert_eq!(key.verify("app", junk, NOW), None, "{junk:?}");
     }
 }
@@ -483,6 +504,9 @@ fn weighted_choice_follows_capacity_times_spare_load() {
     for i in 0..3 {
         let got = f64::from(counts[i]) / n as f64;
         let want = shares[i] / total;
-        assert!((got - want).abs() < 0.015, "cell {i}: {got:.3} vs {want:.3} ({counts:?})");
+        assert!(
+            (got - want).abs() < 0.015,
+            "cell {i}: {got:.3} vs {want:.3} ({counts:?})"
+        );
     }
 }

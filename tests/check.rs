@@ -1,0 +1,67 @@
+//! `cellgate check` as operators run it: the real binary, real files.
+
+use std::process::Command;
+
+fn cellgate() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_cellgate"))
+}
+
+#[test]
+fn demo_config_checks_ok() {
+    let out = cellgate()
+        .args([
+            "check",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/examples/demo.toml"),
+        ])
+        .output()
+        .expect("run cellgate");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("ok: 3 cells, 2 services, 3 listeners"), "{stdout}");
+}
+
+#[test]
+fn broken_config_exits_nonzero_naming_every_key_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let demo = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/demo.toml")).expect("demo");
+    let broken = demo
+        .replace(
+            r#"cells = ["eu-west", "us-east", "ap-south"]
+policy = "latency""#,
+            r#"cells = ["eu-west", "us-east", "mars-1"]
+policy = "latency""#,
+        )
+        .replace(
+            "load_limit = 0.8\nhttp = [\"127.0.0.1:18082\"]",
+            "load_limit = 1.8\nhttp = [\"127.0.0.1:18082\"]",
+        );
+    let path = dir.path().join("broken.toml");
+    std::fs::write(&path, broken).expect("write");
+    let out = cellgate()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run cellgate");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("services[1].cells[2]: cell `mars-1` in service `api` is not defined"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("cells[1].load_limit: load limit 1.8 is out of range"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&path.display().to_string()), "{stderr}");
+}
+
+#[test]
+fn missing_config_file_exits_nonzero() {
+    let out = cellgate()
+        .args(["check", "--config", "/nonexistent.toml"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.toml: cannot read config"));
+}
