@@ -87,6 +87,8 @@ impl Validator {
         let listeners = self.listeners(&raw.listeners, &services);
         let pins = self.pins(&raw.pins, &services);
         let geo = self.geo(&raw.geo);
+        let passive = self.passive(&raw.passive);
+        let publish = self.publish(&raw.publish);
         let sticky_secret = raw.sticky_secret.as_ref().and_then(|s| self.secret("sticky_secret", s));
         if sticky_secret.is_none() {
             if let Some((i, _)) = services.iter().enumerate().find(|(_, s)| s.sticky.is_some()) {
@@ -105,6 +107,52 @@ impl Validator {
             services,
             pins,
             geo,
+            passive,
+            publish,
+        }
+    }
+
+    fn fraction(&mut self, key: &str, v: Option<f64>, default: f64) -> f64 {
+        let v = v.unwrap_or(default);
+        if !(0.0..=1.0).contains(&v) {
+            self.problem(key, format!("{v} is out of range: expected 0 to 1"));
+            return default;
+        }
+        v
+    }
+
+    fn passive(&mut self, raw: &RawPassive) -> Passive {
+        let d = Passive::default();
+        let base_ejection = self.duration("passive.base_ejection", raw.base_ejection.as_ref(), d.base_ejection);
+        let max_ejection = self.duration("passive.max_ejection", raw.max_ejection.as_ref(), d.max_ejection);
+        if max_ejection < base_ejection {
+            self.problem(
+                "passive.max_ejection",
+                "must not be shorter than `passive.base_ejection`",
+            );
+        }
+        Passive {
+            consecutive_failures: raw.consecutive_failures.unwrap_or(d.consecutive_failures),
+            base_ejection,
+            max_ejection,
+            max_ejected_fraction: self.fraction(
+                "passive.max_ejected_fraction",
+                raw.max_ejected_fraction,
+                d.max_ejected_fraction,
+            ),
+        }
+    }
+
+    fn publish(&mut self, raw: &RawPublish) -> Publish {
+        let d = Publish::default();
+        let refresh = self.duration("publish.refresh", raw.refresh.as_ref(), d.refresh);
+        if refresh.is_zero() {
+            self.problem("publish.refresh", "must be greater than zero");
+        }
+        Publish {
+            rtt_margin: self.fraction("publish.rtt_margin", raw.rtt_margin, d.rtt_margin),
+            load_margin: self.fraction("publish.load_margin", raw.load_margin, d.load_margin),
+            refresh,
         }
     }
 
@@ -216,9 +264,16 @@ impl Validator {
                 format!("{min_healthy_fraction} is out of range: expected 0 to 1"),
             );
         }
+        let host = raw.host.clone().or_else(|| defaults.host.clone());
+        if let Some(h) = &host {
+            if h.is_empty() || h.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+                self.problem(format!("{key}.host"), format!("invalid host `{h}`"));
+            }
+        }
         HealthCheck {
             kind,
             path,
+            host,
             expect_status,
             interval,
             timeout,

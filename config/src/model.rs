@@ -114,6 +114,8 @@ pub struct Config {
     /// Shard pins from the file; operators add more at run time.
     pub pins: Vec<Pin>,
     pub geo: Geo,
+    pub passive: Passive,
+    pub publish: Publish,
 }
 
 impl Config {
@@ -204,6 +206,8 @@ pub struct HealthCheck {
     pub kind: HealthKind,
     /// Path for `http` checks.
     pub path: String,
+    /// `Host` header of `http` checks; `None` sends the endpoint's address.
+    pub host: Option<String>,
     /// Inclusive range of statuses that count as healthy.
     pub expect_status: (u16, u16),
     pub interval: Duration,
@@ -229,6 +233,7 @@ impl Default for HealthCheck {
         Self {
             kind: HealthKind::Http,
             path: "/healthz".into(),
+            host: None,
             expect_status: (200, 399),
             interval: Self::DEFAULT_INTERVAL,
             timeout: Self::DEFAULT_TIMEOUT,
@@ -363,4 +368,51 @@ pub struct GeoNetwork {
     pub net: IpNet,
     pub country: Country,
     pub location: GeoPoint,
+}
+
+/// Passive health: ejecting endpoints on real-traffic failures.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Passive {
+    /// Consecutive failed requests (connect error, timeout, 5xx) that eject
+    /// an endpoint. 0 turns passive ejection off.
+    pub consecutive_failures: u32,
+    /// First ejection's length; each repeated ejection doubles it.
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    /// At most this share of a cell's endpoints is ejected by passive
+    /// signals alone (always at least one).
+    pub max_ejected_fraction: f64,
+}
+
+impl Default for Passive {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(2),
+            max_ejection: Duration::from_secs(30),
+            max_ejected_fraction: 0.5,
+        }
+    }
+}
+
+/// When the routing table is rebuilt for measurement drift (health and
+/// operator changes always rebuild it at once).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Publish {
+    /// Relative change of a cell's smoothed RTT that triggers a rebuild.
+    pub rtt_margin: f64,
+    /// Absolute change of a cell's load that triggers a rebuild.
+    pub load_margin: f64,
+    /// Smaller drifts are published at most this often.
+    pub refresh: Duration,
+}
+
+impl Default for Publish {
+    fn default() -> Self {
+        Self {
+            rtt_margin: 0.2,
+            load_margin: 0.05,
+            refresh: Duration::from_secs(1),
+        }
+    }
 }

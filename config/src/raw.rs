@@ -23,6 +23,27 @@ pub(crate) struct RawConfig {
     pub pins: Vec<RawPin>,
     #[serde(default)]
     pub geo: RawGeo,
+    #[serde(default)]
+    pub passive: RawPassive,
+    #[serde(default)]
+    pub publish: RawPublish,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPassive {
+    pub consecutive_failures: Option<u32>,
+    pub base_ejection: Option<String>,
+    pub max_ejection: Option<String>,
+    pub max_ejected_fraction: Option<f64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPublish {
+    pub rtt_margin: Option<f64>,
+    pub load_margin: Option<f64>,
+    pub refresh: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -79,6 +100,7 @@ pub(crate) struct RawSecret {
 pub(crate) struct RawHealth {
     pub kind: Option<RawHealthKind>,
     pub path: Option<String>,
+    pub host: Option<String>,
     pub expect_status: Option<[u16; 2]>,
     pub interval: Option<String>,
     pub timeout: Option<String>,

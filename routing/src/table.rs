@@ -62,6 +62,25 @@ pub struct CellMeasurement {
     pub load: Option<f64>,
     pub endpoints_up: u32,
     pub endpoints_total: u32,
+    /// Per endpoint (the cell's `http` endpoints, else its `tcp` ones, in
+    /// config order).
+    pub endpoints: Vec<EndpointMeasurement>,
+}
+
+/// One endpoint of a cell as seen by active and passive health.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointMeasurement {
+    pub addr: std::net::SocketAddr,
+    pub health: Health,
+    /// Ejected by passive health (real-traffic failures) for now.
+    pub ejected: bool,
+}
+
+impl EndpointMeasurement {
+    /// Whether new requests may use this endpoint.
+    pub fn usable(&self) -> bool {
+        self.health == Health::Up && !self.ejected
+    }
 }
 
 /// Everything the prober knows, keyed by cell.

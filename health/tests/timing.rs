@@ -1,0 +1,324 @@
+//! Timing logic under tokio's paused clock: rise/fall, jitter, start-up
+//! wait, passive ejection back-off. Probes are scripted here; real-socket
+//! probes are tested in `probes.rs`.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use cellgate_config::Config;
+use cellgate_health::{Health, Probe, ProbeFuture, ProbeOutcome, ProbeTarget, UpstreamOutcome, JITTER};
+use cellgate_routing::{Health as H, OperatorState, RoutingTable};
+use tokio::time::Instant;
+
+#[derive(Default)]
+struct Script {
+    up: Mutex<HashMap<SocketAddr, bool>>,
+    calls: Mutex<HashMap<SocketAddr, Vec<Instant>>>,
+    delay: Mutex<Duration>,
+}
+
+struct Scripted(Arc<Script>);
+
+impl Probe for Scripted {
+    fn probe<'a>(&'a self, t: &'a ProbeTarget) -> ProbeFuture<'a> {
+        Box::pin(async move {
+            self.0
+                .calls
+                .lock()
+                .expect("lock")
+                .entry(t.addr)
+                .or_default()
+                .push(Instant::now());
+            let delay = *self.0.delay.lock().expect("lock");
+            if !delay.is_zero() {
+                tokio::time::sleep(delay.min(t.check.timeout)).await;
+                if delay >= t.check.timeout {
+                    return ProbeOutcome::Down {
+                        reason: "timeout".into(),
+                    };
+                }
+            }
+            if *self.0.up.lock().expect("lock").get(&t.addr).unwrap_or(&true) {
+                ProbeOutcome::Up {
+                    rtt: Duration::from_millis(5),
+                    load: Some(0.2),
+                }
+            } else {
+                ProbeOutcome::Down {
+                    reason: "scripted".into(),
+                }
+            }
+        })
+    }
+}
+
+fn config(extra: &str) -> Arc<Config> {
+    let t = format!(
+        r#"
+[edge]
+name = "e"
+location = {{ lat = 50.0, lon = 8.0 }}
+[health]
+interval = "100ms"
+timeout = "80ms"
+rise = 2
+fall = 3
+{extra}
+[[cells]]
+id = "a"
+region = "a"
+location = {{ lat = 53.0, lon = -6.0 }}
+country = "IE"
+http = ["127.0.0.1:1001", "127.0.0.1:1002"]
+[[cells]]
+id = "b"
+region = "b"
+location = {{ lat = 39.0, lon = -77.0 }}
+country = "US"
+http = ["127.0.0.1:1003"]
+[[services]]
+name = "svc"
+cells = ["a", "b"]
+policy = "failover"
+"#
+    );
+    Arc::new(cellgate_config::parse(&t, Path::new("t.toml")).unwrap_or_else(|e| panic!("{e}")))
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn health_of(t: &RoutingTable, id: &str) -> H {
+    t.cell(t.cell_idx(id).expect("cell")).measurement.health
+}
+
+async fn start(extra: &str) -> (Health, Arc<Script>) {
+    let script = Arc::new(Script::default());
+    let h = Health::start(
+        config(extra),
+        OperatorState::default(),
+        Arc::new(Scripted(script.clone())),
+    );
+    assert!(h.wait_ready(Duration::from_secs(1)).await);
+    (h, script)
+}
+
+/// Advances paused time in small steps until `cell` has `want`; returns when.
+async fn until(h: &Health, cell: &str, want: H, limit: Duration) -> Option<Instant> {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if health_of(&h.table(), cell) == want {
+            return Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
+}
+
+#[tokio::test(start_paused = true)]
+async fn cells_are_unknown_until_the_first_round_then_up() {
+    let script = Arc::new(Script::default());
+    *script.delay.lock().expect("lock") = Duration::from_millis(50);
+    let h = Health::start(config(""), OperatorState::default(), Arc::new(Scripted(script.clone())));
+    assert_eq!(health_of(&h.table(), "a"), H::Unknown);
+    let t0 = Instant::now();
+    assert!(
+        !h.wait_ready(Duration::from_millis(20)).await,
+        "not ready before the first probes answer"
+    );
+    assert!(h.wait_ready(Duration::from_secs(1)).await);
+    assert!(t0.elapsed() >= Duration::from_millis(50));
+    assert!(
+        t0.elapsed() < Duration::from_millis(80),
+        "bounded by the probe, not the interval"
+    );
+    assert_eq!(health_of(&h.table(), "a"), H::Up);
+    assert_eq!(health_of(&h.table(), "b"), H::Up);
+}
+
+#[tokio::test(start_paused = true)]
+async fn start_up_wait_is_bounded_when_probes_hang() {
+    let script = Arc::new(Script::default());
+    *script.delay.lock().expect("lock") = Duration::from_secs(10);
+    let h = Health::start(config(""), OperatorState::default(), Arc::new(Scripted(script.clone())));
+    // Probes time out after 80 ms: that is a result (down), so the round completes.
+    let t0 = Instant::now();
+    assert!(h.wait_ready(Duration::from_secs(1)).await);
+    assert!(t0.elapsed() <= Duration::from_millis(100), "{:?}", t0.elapsed());
+    assert_eq!(health_of(&h.table(), "a"), H::Down);
+}
+
+#[tokio::test(start_paused = true)]
+async fn fall_takes_a_cell_down_and_rise_brings_it_back() {
+    let (h, script) = start("").await;
+    let t0 = Instant::now();
+    script.up.lock().expect("lock").insert(addr(1003), false);
+    let down = until(&h, "b", H::Down, Duration::from_secs(2))
+        .await
+        .expect("went down");
+    let took = down - t0;
+    // Three failed probes: at least two full periods, at most three (± jitter).
+    assert!(took >= Duration::from_millis(180), "{took:?}");
+    assert!(took <= Duration::from_millis(340), "{took:?}");
+    let t1 = Instant::now();
+    script.up.lock().expect("lock").insert(addr(1003), true);
+    let up = until(&h, "b", H::Up, Duration::from_secs(2)).await.expect("came back");
+    let took = up - t1;
+    assert!(
+        took >= Duration::from_millis(80) && took <= Duration::from_millis(230),
+        "{took:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cell_stays_up_while_any_endpoint_is_up() {
+    let (h, script) = start("").await;
+    script.up.lock().expect("lock").insert(addr(1001), false);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t = h.table();
+    let a = &t.cell(t.cell_idx("a").expect("a")).measurement;
+    assert_eq!(a.health, H::Up);
+    assert_eq!((a.endpoints_up, a.endpoints_total), (1, 2));
+    assert_eq!(a.endpoints[0].health, H::Down);
+}
+
+#[tokio::test(start_paused = true)]
+async fn min_healthy_fraction_is_honoured() {
+    let (h, script) = start("min_healthy_fraction = 1.0").await;
+    script.up.lock().expect("lock").insert(addr(1001), false);
+    assert!(until(&h, "a", H::Down, Duration::from_secs(1)).await.is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn jitter_stays_within_bounds() {
+    let (_h, script) = start("").await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let calls = script.calls.lock().expect("lock");
+    for (addr, times) in calls.iter() {
+        assert!(times.len() >= 40, "{addr}: {} probes", times.len());
+        let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+        let lo = Duration::from_millis(100).mul_f64(1.0 - JITTER);
+        let hi = Duration::from_millis(100).mul_f64(1.0 + JITTER);
+        assert!(gaps.iter().all(|g| *g >= lo && *g <= hi), "{addr}: {gaps:?}");
+        assert!(gaps.iter().any(|g| *g != gaps[0]), "{addr}: no jitter at all");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn passive_ejection_backs_off_and_is_capped_per_cell() {
+    let (h, _script) =
+        start("[passive]\nconsecutive_failures = 3\nbase_ejection = \"1s\"\nmax_ejection = \"4s\"").await;
+    let p = h.passive();
+    let ejected = |port: u16| {
+        let t = h.table();
+        t.cells
+            .iter()
+            .flat_map(|c| c.measurement.endpoints.iter())
+            .any(|e| e.addr == addr(port) && e.ejected)
+    };
+    // Two failures, a success, two failures: not consecutive, no ejection.
+    for o in [
+        UpstreamOutcome::ConnectFailure,
+        UpstreamOutcome::Timeout,
+        UpstreamOutcome::Success,
+    ] {
+        p.report(addr(1001), o);
+    }
+    p.report(addr(1001), UpstreamOutcome::ServerError);
+    p.report(addr(1001), UpstreamOutcome::ServerError);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(!ejected(1001));
+    p.report(addr(1001), UpstreamOutcome::ServerError);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(ejected(1001));
+    // Cap: a cell of two endpoints keeps at least one (fraction 0.5).
+    for _ in 0..3 {
+        p.report(addr(1002), UpstreamOutcome::ConnectFailure);
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(!ejected(1002), "cap: half of cell a at most");
+    assert_eq!(health_of(&h.table(), "a"), H::Up);
+    // First ejection lasts 1 s.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(!ejected(1001));
+    // The second one lasts 2 s.
+    for _ in 0..3 {
+        p.report(addr(1001), UpstreamOutcome::ConnectFailure);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(ejected(1001), "second ejection is longer");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!ejected(1001));
+    // A single-endpoint cell can be ejected whole: its traffic moves.
+    for _ in 0..3 {
+        p.report(addr(1003), UpstreamOutcome::ConnectFailure);
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(health_of(&h.table(), "b"), H::Down);
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_cell_failing_sets_the_blind_flag_and_fails_open() {
+    let (h, script) = start("").await;
+    for port in [1001, 1002, 1003] {
+        script.up.lock().expect("lock").insert(addr(port), false);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t = h.table();
+    assert!(t.prober_blind);
+    let d = cellgate_routing::steer(
+        &t,
+        &cellgate_routing::RouteQuery::new(t.service_idx("svc").expect("svc")),
+        cellgate_routing::Timestamp::from_unix_millis(0),
+    );
+    assert_eq!(d.outcome, cellgate_routing::Outcome::FailOpen);
+    assert!(!d.is_empty());
+    script.up.lock().expect("lock").insert(addr(1003), true);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!h.table().prober_blind);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reload_keeps_history_of_unchanged_cells_and_operator_changes_publish_at_once() {
+    let (h, script) = start("").await;
+    script.up.lock().expect("lock").insert(addr(1003), false);
+    assert!(until(&h, "b", H::Down, Duration::from_secs(1)).await.is_some());
+    let gen = h.table().generation;
+    // New probes take 50 ms, so a restarted history is visible as Unknown.
+    *script.delay.lock().expect("lock") = Duration::from_millis(50);
+    h.reload(config("path = \"/ready\""));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let t = h.table();
+    assert!(t.generation > gen);
+    // The health check changed (path), so history restarts for every cell...
+    assert_eq!(health_of(&t, "b"), H::Unknown);
+    // ...but a reload with the same cells keeps it.
+    assert!(until(&h, "b", H::Down, Duration::from_secs(1)).await.is_some());
+    h.reload(config("path = \"/ready\""));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(health_of(&h.table(), "b"), H::Down);
+    assert_eq!(health_of(&h.table(), "a"), H::Up);
+
+    let mut op = OperatorState::default();
+    op.drains.insert(
+        cellgate_config::CellId::new("a"),
+        cellgate_routing::Drain {
+            mode: cellgate_routing::DrainMode::Hard,
+            started: cellgate_routing::Timestamp::from_unix_millis(0),
+            deadline: None,
+        },
+    );
+    h.set_operator(op);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let t = h.table();
+    assert!(matches!(
+        t.cell(t.cell_idx("a").expect("a")).state,
+        cellgate_routing::CellState::Drained(_)
+    ));
+}
