@@ -386,9 +386,7 @@ impl Publisher {
             let _ = self.ready.send(true);
             return Change::Now;
         }
-        if changed {
-            Change::Now
-        } else if self.drifted(self.config.publish.rtt_margin, self.config.publish.load_margin) {
+        if changed || self.drifted(self.config.publish.rtt_margin, self.config.publish.load_margin) {
             Change::Now
         } else {
             Change::Drift
