@@ -5,6 +5,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod demo;
+pub mod edge;
+pub mod sim_cell;
+
 use std::path::Path;
 
 pub use cellgate_config as config;
@@ -34,7 +38,6 @@ pub fn check(path: &Path) -> Result<CheckReport, config::Error> {
             });
         }
     }
-    let pins = c.pins.len();
     Ok(CheckReport {
         summary: format!(
             "{}: ok: {} cells, {} services, {} listeners, {} pins, {} geo networks",
@@ -42,7 +45,7 @@ pub fn check(path: &Path) -> Result<CheckReport, config::Error> {
             c.cells.len(),
             c.services.len(),
             c.listener_count(),
-            pins,
+            c.pins.len(),
             c.geo.networks.len()
         ),
         warnings,

@@ -89,6 +89,7 @@ impl Validator {
         let geo = self.geo(&raw.geo);
         let passive = self.passive(&raw.passive);
         let publish = self.publish(&raw.publish);
+        let proxy = self.proxy(&raw.proxy);
         let sticky_secret = raw.sticky_secret.as_ref().and_then(|s| self.secret("sticky_secret", s));
         if sticky_secret.is_none() {
             if let Some((i, _)) = services.iter().enumerate().find(|(_, s)| s.sticky.is_some()) {
@@ -109,6 +110,45 @@ impl Validator {
             geo,
             passive,
             publish,
+            proxy,
+        }
+    }
+
+    fn proxy(&mut self, raw: &RawProxy) -> ProxySettings {
+        let d = ProxySettings::default();
+        let threads = raw.threads.map_or(d.threads, |t| t as usize);
+        if !(1..=256).contains(&threads) {
+            self.problem("proxy.threads", format!("{threads} is out of range: expected 1 to 256"));
+        }
+        let mut trusted_proxies = Vec::new();
+        for (i, c) in raw.trusted_proxies.iter().enumerate() {
+            match c.parse::<ipnet::IpNet>() {
+                Ok(n) => trusted_proxies.push(n.trunc()),
+                Err(_) => match c.parse::<std::net::IpAddr>() {
+                    Ok(ip) => trusted_proxies.push(ipnet::IpNet::from(ip)),
+                    Err(_) => self.problem(
+                        format!("proxy.trusted_proxies[{i}]"),
+                        format!("invalid CIDR `{c}`: expected a network like \"127.0.0.0/8\" or an address"),
+                    ),
+                },
+            }
+        }
+        let max_retries = raw.max_retries.unwrap_or(d.max_retries);
+        if max_retries > 7 {
+            self.problem(
+                "proxy.max_retries",
+                format!("{max_retries} is out of range: expected 0 to 7"),
+            );
+        }
+        ProxySettings {
+            threads: threads.clamp(1, 256),
+            connect_timeout: self.duration("proxy.connect_timeout", raw.connect_timeout.as_ref(), d.connect_timeout),
+            read_timeout: self.duration("proxy.read_timeout", raw.read_timeout.as_ref(), d.read_timeout),
+            idle_timeout: self.duration("proxy.idle_timeout", raw.idle_timeout.as_ref(), d.idle_timeout),
+            trusted_proxies,
+            max_retries: max_retries.min(7),
+            retry_budget: self.fraction("proxy.retry_budget", raw.retry_budget, d.retry_budget),
+            grace_period: self.duration("proxy.grace_period", raw.grace_period.as_ref(), d.grace_period),
         }
     }
 

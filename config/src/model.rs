@@ -116,6 +116,7 @@ pub struct Config {
     pub geo: Geo,
     pub passive: Passive,
     pub publish: Publish,
+    pub proxy: ProxySettings,
 }
 
 impl Config {
@@ -413,6 +414,44 @@ impl Default for Publish {
             rtt_margin: 0.2,
             load_margin: 0.05,
             refresh: Duration::from_secs(1),
+        }
+    }
+}
+
+/// L7/L4 proxy behaviour.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProxySettings {
+    /// Worker threads of the proxy (the same for every listener).
+    pub threads: usize,
+    /// TCP connect timeout to an endpoint; a timeout fails over.
+    pub connect_timeout: Duration,
+    /// Longest wait for each read from an endpoint.
+    pub read_timeout: Duration,
+    /// Idle keep-alive connections to endpoints are closed after this.
+    pub idle_timeout: Duration,
+    /// Peers whose `X-Forwarded-For`/`-Proto` are trusted.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Further cells a request may be retried on.
+    pub max_retries: u32,
+    /// Retries may add at most this share of recent requests (plus a
+    /// floor of 10 per second), so an outage does not multiply load.
+    pub retry_budget: f64,
+    /// On SIGTERM: stop accepting, and let in-flight requests finish for
+    /// this long.
+    pub grace_period: Duration,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        Self {
+            threads: 2,
+            connect_timeout: Duration::from_secs(1),
+            read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            trusted_proxies: Vec::new(),
+            max_retries: 2,
+            retry_budget: 0.2,
+            grace_period: Duration::from_secs(5),
         }
     }
 }

@@ -27,6 +27,22 @@ pub(crate) struct RawConfig {
     pub passive: RawPassive,
     #[serde(default)]
     pub publish: RawPublish,
+    #[serde(default)]
+    pub proxy: RawProxy,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawProxy {
+    pub threads: Option<u32>,
+    pub connect_timeout: Option<String>,
+    pub read_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    pub max_retries: Option<u32>,
+    pub retry_budget: Option<f64>,
+    pub grace_period: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

@@ -20,6 +20,6 @@ mod publisher;
 
 pub use hysteresis::Hysteresis;
 pub use latency::{Ewma, RttWindow};
-pub use passive::{PassiveReporter, UpstreamOutcome};
+pub use passive::{InflightGuard, PassiveReporter, UpstreamOutcome};
 pub use probe::{parse_load, NetworkProbe, Probe, ProbeFuture, ProbeOutcome, ProbeTarget};
 pub use publisher::{Health, JITTER};

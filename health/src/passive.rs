@@ -36,6 +36,7 @@ impl UpstreamOutcome {
 #[derive(Debug, Default)]
 pub(crate) struct Slot {
     failures: AtomicU32,
+    inflight: AtomicU32,
 }
 
 impl Slot {
@@ -71,5 +72,34 @@ impl PassiveReporter {
         } else if slot.failures.load(Ordering::Relaxed) != 0 {
             slot.reset();
         }
+    }
+}
+
+/// Counts one request in flight to an endpoint until dropped.
+#[derive(Debug)]
+pub struct InflightGuard(Arc<Slot>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl PassiveReporter {
+    /// Marks a request in flight to `addr` (for least-loaded endpoint
+    /// choice and drain progress) until the guard drops.
+    pub fn begin(&self, addr: SocketAddr) -> Option<InflightGuard> {
+        let slot = self.slots.load().by_addr.get(&addr)?.clone();
+        slot.inflight.fetch_add(1, Ordering::Relaxed);
+        Some(InflightGuard(slot))
+    }
+
+    /// Requests in flight to `addr` now.
+    pub fn inflight(&self, addr: SocketAddr) -> u32 {
+        self.slots
+            .load()
+            .by_addr
+            .get(&addr)
+            .map_or(0, |s| s.inflight.load(Ordering::Relaxed))
     }
 }

@@ -25,8 +25,8 @@ pub use cellgate_config as config;
 pub use steer::{steer, Candidate, Client, Decision, Outcome, Reason, RouteQuery};
 pub use sticky::{StickyKey, StickyToken};
 pub use table::{
-    CellEntry, CellIdx, CellMeasurement, CellState, Drain, DrainMode, EndpointMeasurement, Health, Measurements,
-    OperatorState, Pins, RoutingTable, ServiceIdx, ServiceRoute,
+    CellEntry, CellIdx, CellMeasurement, CellState, Drain, DrainMode, EndpointMeasurement, Health, Located,
+    Measurements, OperatorState, Pins, RoutingTable, ServiceIdx, ServiceRoute,
 };
 pub use time::Timestamp;
 

@@ -256,6 +256,17 @@ pub struct RoutingTable {
     pub(crate) config_pins: Arc<Pins>,
     pub(crate) operator_pins: Arc<Pins>,
     pub(crate) edge_unit: Unit,
+    /// The config's CIDR table, longest prefix first.
+    pub(crate) networks: Arc<Vec<cellgate_config::GeoNetwork>>,
+}
+
+/// Where a client is, as far as a geo source knows.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Located {
+    pub location: cellgate_config::GeoPoint,
+    pub country: Country,
+    /// Prefix length of the network entry that matched (for ECS scope).
+    pub prefix_len: u8,
 }
 
 impl RoutingTable {
@@ -363,8 +374,17 @@ impl RoutingTable {
             Some(p) if same_config => p.config_pins.clone(),
             _ => Arc::new(Pins::from_config(&config)),
         };
+        let networks = match previous {
+            Some(p) if same_config => p.networks.clone(),
+            _ => {
+                let mut n = config.geo.networks.clone();
+                n.sort_by_key(|g| std::cmp::Reverse(g.net.prefix_len()));
+                Arc::new(n)
+            }
+        };
         RoutingTable {
             generation,
+            networks,
             edge_unit: geo::unit(config.edge.location),
             config,
             cells,
@@ -449,6 +469,20 @@ impl RoutingTable {
             .get(name, key)
             .or_else(|| self.config_pins.get(name, key))?;
         self.cell_idx(id.as_str())
+    }
+
+    /// The client's location from the config's CIDR table: the longest
+    /// matching prefix. IPv4-mapped IPv6 addresses match IPv4 entries.
+    pub fn locate(&self, ip: std::net::IpAddr) -> Option<Located> {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        self.networks.iter().find(|n| n.net.contains(&ip)).map(|n| Located {
+            location: n.location,
+            country: n.country,
+            prefix_len: n.net.prefix_len(),
+        })
     }
 
     /// Number of pins in force.

@@ -510,3 +510,24 @@ fn weighted_choice_follows_capacity_times_spare_load() {
         );
     }
 }
+
+#[test]
+fn locate_uses_the_longest_matching_prefix() {
+    let c = config(
+        2,
+        "geo",
+        "[[geo.networks]]\ncidr = \"198.51.100.0/24\"\ncountry = \"IE\"\nlocation = { lat = 53.0, lon = -6.0 }\n[[geo.networks]]\ncidr = \"198.51.0.0/16\"\ncountry = \"FR\"\nlocation = { lat = 48.0, lon = 2.0 }\n[[geo.networks]]\ncidr = \"2001:db8::/32\"\ncountry = \"JP\"\nlocation = { lat = 35.0, lon = 139.0 }",
+    );
+    let t = table(&c, &all_up(&c), &OperatorState::default());
+    let ie = t.locate("198.51.100.7".parse().expect("ip")).expect("located");
+    assert_eq!((ie.country.as_str(), ie.prefix_len), ("IE", 24));
+    let fr = t.locate("198.51.7.1".parse().expect("ip")).expect("located");
+    assert_eq!((fr.country.as_str(), fr.prefix_len), ("FR", 16));
+    let mapped = t.locate("::ffff:198.51.100.9".parse().expect("ip")).expect("located");
+    assert_eq!(mapped.country.as_str(), "IE");
+    assert_eq!(
+        t.locate("2001:db8::1".parse().expect("ip")).map(|l| l.prefix_len),
+        Some(32)
+    );
+    assert_eq!(t.locate("127.0.0.1".parse().expect("ip")), None);
+}

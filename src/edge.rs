@@ -1,0 +1,153 @@
+//! Running an edge node: health on a small control runtime, the pingora
+//! proxy on its own runtimes, until SIGTERM (graceful) or SIGINT (fast).
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use cellgate_config::{Config, SecretSource};
+use cellgate_health::{Health, NetworkProbe};
+use cellgate_routing::{OperatorState, StickyKey};
+use pingora::server::{configuration::ServerConf, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use rand::RngCore;
+use tokio::sync::watch;
+
+/// A way to stop a running edge node from inside the process (tests, the
+/// demo). SIGTERM and SIGINT always work too.
+#[derive(Clone, Debug)]
+pub struct Shutdown(watch::Sender<bool>);
+
+impl Shutdown {
+    pub fn new() -> (Self, watch::Receiver<bool>) {
+        let (tx, rx) = watch::channel(false);
+        (Self(tx), rx)
+    }
+    /// Stops accepting and lets in-flight requests finish (the grace period).
+    pub fn graceful(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
+struct Signals(Option<watch::Receiver<bool>>);
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            return std::future::pending().await;
+        };
+        let mut inproc = self.0.clone();
+        let requested = async move {
+            match inproc.as_mut() {
+                Some(rx) => {
+                    let _ = rx.wait_for(|v| *v).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => ShutdownSignal::GracefulTerminate,
+            _ = int.recv() => ShutdownSignal::FastShutdown,
+            _ = requested => ShutdownSignal::GracefulTerminate,
+        }
+    }
+}
+
+/// The sticky-cookie key from the configured source.
+pub fn sticky_key(config: &Config) -> anyhow::Result<Option<StickyKey>> {
+    let Some(source) = &config.sticky_secret else {
+        return Ok(None);
+    };
+    let secret = match source {
+        SecretSource::Env {
+            var,
+            ephemeral_if_unset,
+        } => match std::env::var(var) {
+            Ok(v) if !v.is_empty() => v.into_bytes(),
+            _ if *ephemeral_if_unset => {
+                tracing::warn!(
+                    "sticky_secret: `{var}` is unset: using a random per-process secret (sticky cookies will not survive a restart or a move to another edge)"
+                );
+                let mut b = vec![0u8; 32];
+                rand::rng().fill_bytes(&mut b);
+                b
+            }
+            _ => anyhow::bail!("sticky_secret: environment variable `{var}` is not set"),
+        },
+        SecretSource::File(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("sticky_secret: cannot read `{}`", path.display()))?
+            .trim()
+            .as_bytes()
+            .to_vec(),
+    };
+    if secret.len() < 16 {
+        anyhow::bail!(
+            "sticky_secret: the secret is {} bytes; use at least 16 (32 random bytes recommended)",
+            secret.len()
+        );
+    }
+    Ok(Some(StickyKey::new(&secret)))
+}
+
+/// Runs an edge node with every listener `config` names until it is told
+/// to stop. Blocks the calling thread.
+pub fn run(config: Arc<Config>, shutdown: Option<watch::Receiver<bool>>) -> anyhow::Result<()> {
+    let sticky = sticky_key(&config)?;
+    let control = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("cellgate-control")
+        .enable_all()
+        .build()
+        .context("starting the control runtime")?;
+    // Wait for the first probe round (bounded by the slowest probe timeout)
+    // so the first answers are already right.
+    let first_round =
+        config.cells.iter().map(|c| c.health.timeout).max().unwrap_or_default() + Duration::from_millis(100);
+    let health = control.block_on(async {
+        let h = Health::start(config.clone(), OperatorState::default(), Arc::new(NetworkProbe::new()));
+        if !h.wait_ready(first_round).await {
+            tracing::warn!("first probe round incomplete after {first_round:?}; starting with what is known");
+        }
+        h
+    });
+
+    let conf = ServerConf {
+        threads: config.proxy.threads,
+        grace_period_seconds: Some(config.proxy.grace_period.as_secs_f64().ceil() as u64),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let services = cellgate_proxy::http_services(
+        &server.configuration,
+        &config,
+        &health.tables(),
+        &health.passive(),
+        sticky,
+    )?;
+    if services.is_empty() {
+        tracing::warn!("the config names no http or https listener: only health checks run");
+    }
+    for s in services {
+        server.add_service(s);
+    }
+    let t = health.table();
+    tracing::info!(
+        edge = %config.edge.name,
+        cells = t.cells.len(),
+        up = t.cells.iter().filter(|c| c.measurement.health == cellgate_routing::Health::Up).count(),
+        http = ?config.listeners.http,
+        https = ?config.listeners.https.as_ref().map(|t| t.addr),
+        "edge node starting"
+    );
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals(shutdown)),
+    });
+    tracing::info!("edge node stopped");
+    drop(health);
+    control.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
