@@ -137,6 +137,11 @@ impl SimCell {
     pub fn requests(&self) -> u64 {
         self.state.requests.load(Ordering::Relaxed)
     }
+
+    /// POST requests received.
+    pub fn posts(&self) -> u64 {
+        self.state.posts.load(Ordering::Relaxed)
+    }
 }
 
 async fn start_serving(state: &Arc<State>) -> std::io::Result<()> {

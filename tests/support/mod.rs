@@ -1,0 +1,241 @@
+//! Helpers for end-to-end tests: free ports, sim cells, and the real
+//! `cellgate run` binary as a child process.
+
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{SocketAddr, TcpListener},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use cellgate::sim_cell::{SimCell, SimCellOptions};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A sim cell's ports.
+#[derive(Clone, Copy, Debug)]
+pub struct CellPorts {
+    pub http: u16,
+    pub control: u16,
+    pub tcp: u16,
+}
+
+impl CellPorts {
+    pub fn new() -> Self {
+        Self {
+            http: free_port(),
+            control: free_port(),
+            tcp: free_port(),
+        }
+    }
+    pub fn options(&self, id: &str) -> SimCellOptions {
+        SimCellOptions {
+            id: id.into(),
+            listen: addr(self.http),
+            control_listen: addr(self.control),
+            tcp_listen: Some(addr(self.tcp)),
+        }
+    }
+}
+
+pub async fn start_cell(id: &str) -> (SimCell, CellPorts) {
+    let ports = CellPorts::new();
+    (SimCell::start(ports.options(id)).await.expect("sim cell"), ports)
+}
+
+/// POSTs to a sim cell's control API.
+pub async fn control(ports: CellPorts, what: &str) {
+    let r = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{}{what}", ports.control))
+        .send()
+        .await
+        .expect("control request");
+    assert!(r.status().is_success(), "control {what}: {}", r.status());
+}
+
+/// One access-log line of the edge.
+#[derive(Clone, Debug)]
+pub struct Access {
+    pub at: SystemTime,
+    pub cell: String,
+    pub status: u64,
+    pub retries: u64,
+}
+
+/// `cellgate run` as a child process, logging JSON to a buffer.
+pub struct Edge {
+    child: Child,
+    pub http: u16,
+    pub dir: tempfile::TempDir,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Edge {
+    /// Writes `config` (with `{http}` replaced by the listener port) and
+    /// starts the edge; returns once it accepts connections.
+    pub fn start(config: &str) -> Edge {
+        Self::start_with(config, &[])
+    }
+
+    pub fn start_with(config: &str, env: &[(&str, &str)]) -> Edge {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let http = free_port();
+        let text = config
+            .replace("{http}", &http.to_string())
+            .replace("{dir}", &dir.path().display().to_string());
+        let path: PathBuf = dir.path().join("edge.toml");
+        std::fs::write(&path, text).expect("write config");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cellgate"));
+        cmd.args(["--log-format", "json", "run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info,pingora_core=error,pingora_proxy=error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn cellgate");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().expect("log").push(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr(http)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "cellgate exited with {status}:\n{}",
+                    log.lock().expect("log").join("\n")
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "edge did not start:\n{}",
+                log.lock().expect("log").join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Edge { child, http, dir, log }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().expect("wait")
+    }
+
+    pub fn access_log(&self) -> Vec<Access> {
+        self.log
+            .lock()
+            .expect("log")
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "cellgate::access")
+            .filter_map(|v| {
+                let f = &v["fields"];
+                Some(Access {
+                    at: humantime::parse_rfc3339_weak(v["timestamp"].as_str()?.trim_end_matches('Z')).ok()?,
+                    cell: f["cell"].as_str()?.to_owned(),
+                    status: f["status"].as_u64()?,
+                    retries: f["retries"].as_u64()?,
+                })
+            })
+            .collect()
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A cell section for an edge config.
+pub fn cell_toml(id: &str, country: &str, lat: f64, lon: f64, ports: CellPorts) -> String {
+    format!(
+        "[[cells]]\nid = \"{id}\"\nregion = \"{id}\"\nlocation = {{ lat = {lat}, lon = {lon} }}\ncountry = \"{country}\"\nhttp = [\"127.0.0.1:{}\"]\ntcp = [\"127.0.0.1:{}\"]\n",
+        ports.http, ports.tcp
+    )
+}
+
+pub const EDGE_HEAD: &str = r#"
+[edge]
+name = "test-edge"
+location = { lat = 50.11, lon = 8.68 }
+
+[listeners]
+http = "127.0.0.1:{http}"
+
+[sticky_secret]
+env = "CELLGATE_TEST_STICKY"
+ephemeral_if_unset = true
+
+[proxy]
+trusted_proxies = ["127.0.0.1"]
+grace_period = "1s"
+
+[[geo.networks]]
+cidr = "198.51.100.0/24"
+country = "IE"
+location = { lat = 53.35, lon = -6.26 }
+
+[[geo.networks]]
+cidr = "192.0.2.0/24"
+country = "US"
+location = { lat = 37.43, lon = -78.66 }
+
+[[geo.networks]]
+cidr = "203.0.113.0/24"
+country = "IN"
+location = { lat = 20.59, lon = 78.96 }
+"#;
+
+/// GETs `path` with `host`; returns status, serving cell and body.
+pub async fn get(
+    client: &reqwest::Client,
+    edge: &Edge,
+    host: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, String, serde_json::Value), String> {
+    let mut req = client.get(edge.url("/")).header("host", host);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let cell = resp
+        .headers()
+        .get("x-cellgate-cell")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body = resp.json().await.unwrap_or(serde_json::Value::Null);
+    Ok((status, cell, body))
+}
