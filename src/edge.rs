@@ -128,6 +128,15 @@ pub fn run(config: Arc<Config>, shutdown: Option<watch::Receiver<bool>>) -> anyh
         &health.passive(),
         sticky,
     )?;
+    for (name, configured) in [
+        ("dns", config.listeners.dns.is_some()),
+        ("admin", config.listeners.admin.is_some()),
+        ("tcp", !config.listeners.tcp.is_empty()),
+    ] {
+        if configured {
+            tracing::warn!("listener `{name}` is configured but this build does not serve it yet");
+        }
+    }
     if services.is_empty() {
         tracing::warn!("the config names no http or https listener: only health checks run");
     }
