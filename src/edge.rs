@@ -128,8 +128,15 @@ pub fn run(config: Arc<Config>, shutdown: Option<watch::Receiver<bool>>) -> anyh
         &health.passive(),
         sticky,
     )?;
+    let dns = match config.listeners.dns {
+        Some(addr) => {
+            let server = control.block_on(cellgate_dns::DnsServer::start(addr, health.tables()))?;
+            tracing::info!(udp = %server.udp, tcp = %server.tcp, "dns serving");
+            Some(server)
+        }
+        None => None,
+    };
     for (name, configured) in [
-        ("dns", config.listeners.dns.is_some()),
         ("admin", config.listeners.admin.is_some()),
         ("tcp", !config.listeners.tcp.is_empty()),
     ] {
@@ -156,6 +163,9 @@ pub fn run(config: Arc<Config>, shutdown: Option<watch::Receiver<bool>>) -> anyh
         shutdown_signal: Box::new(Signals(shutdown)),
     });
     tracing::info!("edge node stopped");
+    if let Some(dns) = dns {
+        control.block_on(dns.shutdown());
+    }
     drop(health);
     control.shutdown_timeout(Duration::from_secs(1));
     Ok(())

@@ -90,6 +90,7 @@ impl Validator {
         let passive = self.passive(&raw.passive);
         let publish = self.publish(&raw.publish);
         let proxy = self.proxy(&raw.proxy);
+        let dns = self.dns(&raw.dns, &services, listeners.dns.is_some());
         let sticky_secret = raw.sticky_secret.as_ref().and_then(|s| self.secret("sticky_secret", s));
         if sticky_secret.is_none() {
             if let Some((i, _)) = services.iter().enumerate().find(|(_, s)| s.sticky.is_some()) {
@@ -111,6 +112,93 @@ impl Validator {
             passive,
             publish,
             proxy,
+            dns,
+        }
+    }
+
+    fn dns(&mut self, raw: &RawDns, services: &[Service], listening: bool) -> Dns {
+        let d = Dns::default();
+        let max_udp_payload = raw.max_udp_payload.unwrap_or(d.max_udp_payload);
+        if !(512..=4096).contains(&max_udp_payload) {
+            self.problem(
+                "dns.max_udp_payload",
+                format!("{max_udp_payload} is out of range: expected 512 to 4096"),
+            );
+        }
+        let mut zones: Vec<Zone> = Vec::new();
+        for (i, z) in raw.zones.iter().enumerate() {
+            let key = format!("dns.zones[{i}]");
+            let Some(origin) = dns_name(&z.origin) else {
+                self.problem(format!("{key}.origin"), format!("invalid DNS name `{}`", z.origin));
+                continue;
+            };
+            if zones.iter().any(|o| o.origin == origin) {
+                self.problem(format!("{key}.origin"), format!("zone `{origin}` is defined twice"));
+            }
+            let mut ns = Vec::new();
+            for (j, n) in z.ns.iter().enumerate() {
+                match dns_name(n) {
+                    Some(n) => ns.push(n),
+                    None => self.problem(format!("{key}.ns[{j}]"), format!("invalid DNS name `{n}`")),
+                }
+            }
+            if z.ns.is_empty() {
+                self.problem(format!("{key}.ns"), "a zone needs at least one name server");
+            }
+            let mname = match z.soa.mname.as_deref().map(dns_name) {
+                None => ns.first().cloned().unwrap_or_else(|| origin.clone()),
+                Some(Some(m)) => m,
+                Some(None) => {
+                    self.problem(format!("{key}.soa.mname"), "invalid DNS name");
+                    origin.clone()
+                }
+            };
+            let rname = dns_name(&z.soa.rname).unwrap_or_else(|| {
+                self.problem(
+                    format!("{key}.soa.rname"),
+                    format!(
+                        "invalid mailbox `{}`: expected a DNS name like \"hostmaster.example.com\"",
+                        z.soa.rname
+                    ),
+                );
+                origin.clone()
+            });
+            let s = &z.soa;
+            let dur = |v: &mut Self, f: &str, x: &Option<String>, dflt: u64| {
+                v.duration(&format!("{key}.soa.{f}"), x.as_ref(), Duration::from_secs(dflt))
+            };
+            let soa = Soa {
+                mname,
+                rname,
+                serial: s.serial.unwrap_or(1),
+                refresh: dur(self, "refresh", &s.refresh, 3600),
+                retry: dur(self, "retry", &s.retry, 600),
+                expire: dur(self, "expire", &s.expire, 1_209_600),
+                minimum: dur(self, "minimum", &s.minimum, 30),
+            };
+            let ttl = self.duration(&format!("{key}.ttl"), z.ttl.as_ref(), Duration::from_secs(3600));
+            zones.push(Zone { origin, ns, soa, ttl });
+        }
+        if listening && zones.is_empty() {
+            self.problem("listeners.dns", "a DNS listener needs at least one `[[dns.zones]]`");
+        }
+        if !zones.is_empty() {
+            for (i, s) in services.iter().enumerate() {
+                let Some(name) = &s.dns_name else { continue };
+                let inside = zones
+                    .iter()
+                    .any(|z| name == &z.origin || name.ends_with(&format!(".{}", z.origin)));
+                if !inside {
+                    self.problem(
+                        format!("services[{i}].dns_name"),
+                        format!("`{name}` is not inside any zone of `dns.zones`"),
+                    );
+                }
+            }
+        }
+        Dns {
+            max_udp_payload: max_udp_payload.clamp(512, 4096),
+            zones,
         }
     }
 
@@ -596,11 +684,11 @@ impl Validator {
             );
             let dns_answers = match s.dns_answers {
                 None => 1,
-                Some(n) if (1..=16).contains(&n) => n as usize,
+                Some(n) if (1..=8).contains(&n) => n as usize,
                 Some(n) => {
                     self.problem(
                         format!("{key}.dns_answers"),
-                        format!("{n} is out of range: expected 1 to 16"),
+                        format!("{n} is out of range: expected 1 to 8"),
                     );
                     1
                 }
@@ -709,6 +797,19 @@ impl Validator {
 
     fn geo(&mut self, raw: &RawGeo) -> Geo {
         let mmdb = raw.mmdb.as_ref().map(|m| self.existing_file("geo.mmdb", m));
+        let database = mmdb
+            .as_ref()
+            .filter(|p| p.is_file())
+            .and_then(|p| match GeoDatabase::open(p) {
+                Ok(db) => Some(db),
+                Err(e) => {
+                    self.problem(
+                        "geo.mmdb",
+                        format!("`{}` is not a readable MaxMind database: {e}", p.display()),
+                    );
+                    None
+                }
+            });
         let mut networks = Vec::new();
         for (i, n) in raw.networks.iter().enumerate() {
             let key = format!("geo.networks[{i}]");
@@ -726,7 +827,11 @@ impl Validator {
                 ),
             }
         }
-        Geo { mmdb, networks }
+        Geo {
+            mmdb,
+            database,
+            networks,
+        }
     }
 
     fn secret(&mut self, key: &str, raw: &RawSecret) -> Option<SecretSource> {

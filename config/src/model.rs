@@ -117,6 +117,7 @@ pub struct Config {
     pub passive: Passive,
     pub publish: Publish,
     pub proxy: ProxySettings,
+    pub dns: Dns,
 }
 
 impl Config {
@@ -360,6 +361,8 @@ pub struct Pin {
 #[derive(Clone, Debug, Default)]
 pub struct Geo {
     pub mmdb: Option<PathBuf>,
+    /// The database at `mmdb`, read when the config was loaded.
+    pub database: Option<GeoDatabase>,
     /// Looked up before the mmdb; the longest matching prefix wins.
     pub networks: Vec<GeoNetwork>,
 }
@@ -454,4 +457,105 @@ impl Default for ProxySettings {
             grace_period: Duration::from_secs(5),
         }
     }
+}
+
+/// A MaxMind DB in GeoIP2/GeoLite2/DB-IP City layout, read into memory.
+///
+/// Not memory-mapped: mapping is `unsafe` (the file could change under the
+/// mapping) and every cellgate crate forbids `unsafe`. A City database is
+/// tens of MB; a config reload reads it again and swaps it atomically.
+#[derive(Clone)]
+pub struct GeoDatabase(Arc<maxminddb::Reader<Vec<u8>>>);
+
+impl fmt::Debug for GeoDatabase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "GeoDatabase({})", self.0.metadata().database_type)
+    }
+}
+
+/// What a geo source knows of an address.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GeoMatch {
+    pub location: GeoPoint,
+    pub country: Country,
+    /// Prefix length of the matching network.
+    pub prefix_len: u8,
+}
+
+impl GeoDatabase {
+    pub fn open(path: &std::path::Path) -> Result<Self, String> {
+        let reader = maxminddb::Reader::open_readfile(path).map_err(|e| e.to_string())?;
+        Ok(Self(Arc::new(reader)))
+    }
+
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, String> {
+        maxminddb::Reader::from_source(bytes)
+            .map(|r| Self(Arc::new(r)))
+            .map_err(|e| e.to_string())
+    }
+
+    /// Location (and country, when present) of `ip`; `None` when the
+    /// database has no coordinates for it.
+    pub fn lookup(&self, ip: std::net::IpAddr) -> Option<GeoMatch> {
+        let result = self.0.lookup(ip).ok()?;
+        if !result.has_data() {
+            return None;
+        }
+        let prefix_len = result.network().ok()?.prefix();
+        let city: maxminddb::geoip2::City<'_> = result.decode().ok()??;
+        let location = GeoPoint::new(city.location.latitude?, city.location.longitude?)?;
+        let country = city
+            .country
+            .iso_code
+            .or(city.registered_country.iso_code)
+            .and_then(Country::parse)
+            .unwrap_or(Country::UNKNOWN);
+        Some(GeoMatch {
+            location,
+            country,
+            prefix_len,
+        })
+    }
+}
+
+/// The authoritative DNS server.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dns {
+    /// Largest UDP answer, whatever the client advertises (RFC 9715
+    /// suggests 1232 to avoid fragmentation).
+    pub max_udp_payload: u16,
+    pub zones: Vec<Zone>,
+}
+
+impl Default for Dns {
+    fn default() -> Self {
+        Self {
+            max_udp_payload: 1232,
+            zones: Vec::new(),
+        }
+    }
+}
+
+/// A zone cellgate is authoritative for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Zone {
+    /// Lower case, without the trailing dot.
+    pub origin: String,
+    pub ns: Vec<String>,
+    pub soa: Soa,
+    /// TTL of the SOA and NS records.
+    pub ttl: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Soa {
+    pub mname: String,
+    /// The responsible mailbox as a DNS name (`hostmaster.example.com`).
+    pub rname: String,
+    pub serial: u32,
+    pub refresh: Duration,
+    pub retry: Duration,
+    pub expire: Duration,
+    /// TTL of negative answers (RFC 2308).
+    pub minimum: Duration,
 }

@@ -29,6 +29,37 @@ pub(crate) struct RawConfig {
     pub publish: RawPublish,
     #[serde(default)]
     pub proxy: RawProxy,
+    #[serde(default)]
+    pub dns: RawDns,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDns {
+    pub max_udp_payload: Option<u16>,
+    #[serde(default)]
+    pub zones: Vec<RawZone>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawZone {
+    pub origin: String,
+    pub ns: Vec<String>,
+    pub soa: RawSoa,
+    pub ttl: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSoa {
+    pub mname: Option<String>,
+    pub rname: String,
+    pub serial: Option<u32>,
+    pub refresh: Option<String>,
+    pub retry: Option<String>,
+    pub expire: Option<String>,
+    pub minimum: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

@@ -471,17 +471,33 @@ impl RoutingTable {
         self.cell_idx(id.as_str())
     }
 
-    /// The client's location from the config's CIDR table: the longest
-    /// matching prefix. IPv4-mapped IPv6 addresses match IPv4 entries.
+    /// The client's location: the config's CIDR table first (longest
+    /// matching prefix), then the geo database. IPv4-mapped IPv6 addresses
+    /// match IPv4 entries.
     pub fn locate(&self, ip: std::net::IpAddr) -> Option<Located> {
         let ip = match ip {
             std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
             v4 => v4,
         };
-        self.networks.iter().find(|n| n.net.contains(&ip)).map(|n| Located {
-            location: n.location,
-            country: n.country,
-            prefix_len: n.net.prefix_len(),
+        if let Some(n) = self.networks.iter().find(|n| n.net.contains(&ip)) {
+            return Some(Located {
+                location: n.location,
+                country: n.country,
+                prefix_len: n.net.prefix_len(),
+            });
+        }
+        let m = self.config.geo.database.as_ref()?.lookup(ip)?;
+        // An IPv4 address found in the IPv6 tree of the database carries
+        // an IPv6 prefix (96 + n); report it in IPv4 terms.
+        let prefix_len = if ip.is_ipv4() && m.prefix_len > 32 {
+            m.prefix_len - 96
+        } else {
+            m.prefix_len
+        };
+        Some(Located {
+            location: m.location,
+            country: m.country,
+            prefix_len,
         })
     }
 

@@ -1,0 +1,97 @@
+//! cellgate DNS: an authoritative server whose A/AAAA answers come from
+//! `routing::steer`, the same function the proxy uses.
+//!
+//! [`CellDns`] is hickory-server's `RequestHandler`: it sees the whole
+//! request (EDNS Client Subnet included), locates the client (ECS network
+//! or source address, via the config's CIDR table then the geo database),
+//! steers, and answers with the chosen cells' addresses, the SOA for
+//! negative answers, and an ECS scope that tells resolvers how widely they
+//! may cache the answer. [`DnsServer`] serves it on UDP and TCP.
+//!
+//! Depends on `config` and `routing`; never on the proxy or admin.
+
+#![forbid(unsafe_code)]
+
+mod handler;
+mod zones;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+use cellgate_routing::RoutingTable;
+
+pub use handler::{Answer, CellDns};
+pub use zones::{Zone, Zones};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("dns listener {addr}: cannot bind {proto}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        proto: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running DNS server on one address, UDP and TCP.
+pub struct DnsServer {
+    server: hickory_server::Server<CellDns>,
+    pub udp: SocketAddr,
+    pub tcp: SocketAddr,
+}
+
+impl std::fmt::Debug for DnsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsServer")
+            .field("udp", &self.udp)
+            .field("tcp", &self.tcp)
+            .finish()
+    }
+}
+
+/// How long a TCP client may stay idle between queries.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+impl DnsServer {
+    /// Binds `addr` (UDP and TCP; port 0 picks one) and serves answers from
+    /// `tables`. Must be called inside a tokio runtime.
+    pub async fn start(addr: SocketAddr, tables: Arc<ArcSwap<RoutingTable>>) -> Result<Self, Error> {
+        let udp = tokio::net::UdpSocket::bind(addr).await.map_err(|source| Error::Bind {
+            addr,
+            proto: "udp",
+            source,
+        })?;
+        // TCP on the port UDP got, so both share one port when 0 was asked.
+        let udp_addr = udp.local_addr().map_err(|source| Error::Bind {
+            addr,
+            proto: "udp",
+            source,
+        })?;
+        let tcp = tokio::net::TcpListener::bind(udp_addr)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: udp_addr,
+                proto: "tcp",
+                source,
+            })?;
+        let tcp_addr = tcp.local_addr().map_err(|source| Error::Bind {
+            addr,
+            proto: "tcp",
+            source,
+        })?;
+        let mut server = hickory_server::Server::new(CellDns::new(tables));
+        server.register_socket(udp);
+        server.register_listener(tcp, TCP_IDLE, 64);
+        Ok(Self {
+            server,
+            udp: udp_addr,
+            tcp: tcp_addr,
+        })
+    }
+
+    /// Stops serving.
+    pub async fn shutdown(mut self) {
+        let _ = self.server.shutdown_gracefully().await;
+    }
+}

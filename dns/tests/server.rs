@@ -1,0 +1,537 @@
+//! The DNS server end to end: real UDP and TCP sockets on loopback, raw
+//! queries built with hickory-proto, tables swapped as the publisher would.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use cellgate_config::{CellId, Config};
+use cellgate_dns::DnsServer;
+use cellgate_routing::{
+    CellMeasurement, Drain, DrainMode, Health, Measurements, OperatorState, RoutingTable, Timestamp,
+};
+use hickory_proto::{
+    op::{Edns, Message, MessageType, OpCode, Query, ResponseCode},
+    rr::{
+        rdata::opt::{ClientSubnet, EdnsCode, EdnsOption},
+        Name, RData, RecordType,
+    },
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpStream, UdpSocket},
+};
+
+fn config_text(extra_geo: &str) -> String {
+    let many: Vec<String> = (1..=40).map(|i| format!("\"127.0.9.{i}\"")).collect();
+    format!(
+        r#"
+[edge]
+name = "e"
+location = {{ lat = 50.11, lon = 8.68 }}
+[listeners]
+dns = "127.0.0.1:0"
+[[dns.zones]]
+origin = "Example.test"
+ns = ["ns1.example.test", "ns2.example.test"]
+soa = {{ rname = "hostmaster.example.test", serial = 7, minimum = "60s" }}
+ttl = "1h"
+[[cells]]
+id = "eu"
+region = "eu"
+location = {{ lat = 53.35, lon = -6.26 }}
+country = "IE"
+http = ["127.0.0.1:1"]
+dns = ["127.0.1.1", "2001:db8:1::1"]
+[[cells]]
+id = "us"
+region = "us"
+location = {{ lat = 39.04, lon = -77.49 }}
+country = "US"
+http = ["127.0.0.1:2"]
+dns = ["127.0.2.1", "2001:db8:2::1"]
+[[cells]]
+id = "ap"
+region = "ap"
+location = {{ lat = 19.08, lon = 72.88 }}
+country = "IN"
+http = ["127.0.0.1:3"]
+dns = ["127.0.3.1"]
+[[cells]]
+id = "many"
+region = "many"
+location = {{ lat = 0.0, lon = 0.0 }}
+country = "ZZ"
+http = ["127.0.0.1:4"]
+dns = [{}]
+[[services]]
+name = "app"
+dns_name = "app.example.test"
+cells = ["eu", "us", "ap"]
+policy = "geo"
+dns_ttl = "30s"
+dns_degraded_ttl = "5s"
+[[services]]
+name = "lat"
+dns_name = "lat.deep.example.test"
+cells = ["eu", "us", "ap"]
+policy = "failover"
+dns_answers = 2
+[[services]]
+name = "closed"
+dns_name = "closed.example.test"
+cells = ["ap"]
+policy = "failover"
+all_down = "closed"
+[[services]]
+name = "big"
+dns_name = "big.example.test"
+cells = ["many"]
+policy = "failover"
+{extra_geo}
+"#,
+        many.join(", ")
+    )
+}
+
+const CIDR_GEO: &str = r#"
+[[geo.networks]]
+cidr = "198.51.100.0/24"
+country = "IE"
+location = { lat = 53.35, lon = -6.26 }
+[[geo.networks]]
+cidr = "192.0.2.0/24"
+country = "US"
+location = { lat = 37.43, lon = -78.66 }
+[[geo.networks]]
+cidr = "203.0.113.0/25"
+country = "IN"
+location = { lat = 20.59, lon = 78.96 }
+[[geo.networks]]
+cidr = "127.0.0.2/32"
+country = "IN"
+location = { lat = 20.59, lon = 78.96 }
+[[geo.networks]]
+cidr = "127.0.0.3/32"
+country = "US"
+location = { lat = 37.43, lon = -78.66 }
+"#;
+
+fn measurements(config: &Config, down: &[&str]) -> Measurements {
+    let mut m = Measurements::default();
+    for c in &config.cells {
+        let up = !down.contains(&c.id.as_str());
+        m.cells.insert(
+            c.id.clone(),
+            CellMeasurement {
+                health: if up { Health::Up } else { Health::Down },
+                endpoints_up: u32::from(up),
+                endpoints_total: 1,
+                srtt: Some(Duration::from_millis(5)),
+                ..Default::default()
+            },
+        );
+    }
+    m
+}
+
+struct Fixture {
+    config: Arc<Config>,
+    tables: Arc<ArcSwap<RoutingTable>>,
+    server: DnsServer,
+}
+
+impl Fixture {
+    async fn new(text: &str, path: &Path) -> Self {
+        let config = Arc::new(cellgate_config::parse(text, path).unwrap_or_else(|e| panic!("{e}")));
+        let table = RoutingTable::build(
+            config.clone(),
+            &measurements(&config, &[]),
+            &OperatorState::default(),
+            None,
+            1,
+        );
+        let tables = Arc::new(ArcSwap::from_pointee(table));
+        let server = DnsServer::start("127.0.0.1:0".parse().expect("addr"), tables.clone())
+            .await
+            .expect("start");
+        Self { config, tables, server }
+    }
+    fn publish(&self, down: &[&str], op: &OperatorState) {
+        let prev = self.tables.load_full();
+        let t = RoutingTable::build(
+            self.config.clone(),
+            &measurements(&self.config, down),
+            op,
+            Some(&prev),
+            prev.generation + 1,
+        );
+        self.tables.store(Arc::new(t));
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Proto {
+    Udp,
+    Tcp,
+}
+
+struct Ask<'a> {
+    name: &'a str,
+    qtype: RecordType,
+    edns: Option<u16>,
+    ecs: Option<(&'a str, u8)>,
+    from: &'a str,
+    op: OpCode,
+}
+
+impl<'a> Ask<'a> {
+    fn new(name: &'a str, qtype: RecordType) -> Self {
+        Self {
+            name,
+            qtype,
+            edns: Some(1232),
+            ecs: None,
+            from: "127.0.0.1",
+            op: OpCode::Query,
+        }
+    }
+    fn ecs(mut self, addr: &'a str, prefix: u8) -> Self {
+        self.ecs = Some((addr, prefix));
+        self
+    }
+    fn bytes(&self) -> Vec<u8> {
+        let mut m = Message::new(4242, MessageType::Query, self.op);
+        m.add_query(Query::query(Name::from_ascii(self.name).expect("name"), self.qtype));
+        if let Some(size) = self.edns {
+            let mut e = Edns::new();
+            e.set_max_payload(size);
+            if let Some((a, p)) = self.ecs {
+                e.options_mut()
+                    .insert(EdnsOption::Subnet(ClientSubnet::new(a.parse().expect("ip"), p, 0)));
+            }
+            m.set_edns(e);
+        }
+        m.to_vec().expect("encode")
+    }
+}
+
+async fn raw(server: SocketAddr, proto: Proto, from: &str, bytes: &[u8]) -> Vec<u8> {
+    let io = async {
+        match proto {
+            Proto::Udp => {
+                let s = UdpSocket::bind(SocketAddr::new(from.parse::<IpAddr>().expect("ip"), 0))
+                    .await
+                    .expect("bind");
+                s.send_to(bytes, server).await.expect("send");
+                let mut buf = vec![0u8; 65535];
+                let n = s.recv(&mut buf).await.expect("recv");
+                buf.truncate(n);
+                buf
+            }
+            Proto::Tcp => {
+                let mut s = TcpStream::connect(server).await.expect("connect");
+                let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
+                framed.extend_from_slice(bytes);
+                s.write_all(&framed).await.expect("write");
+                let mut len = [0u8; 2];
+                s.read_exact(&mut len).await.expect("read length");
+                let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
+                s.read_exact(&mut buf).await.expect("read");
+                buf
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(3), io)
+        .await
+        .expect("no answer")
+}
+
+async fn ask(f: &Fixture, proto: Proto, q: &Ask<'_>) -> Message {
+    let addr = match proto {
+        Proto::Udp => f.server.udp,
+        Proto::Tcp => f.server.tcp,
+    };
+    let m = Message::from_vec(&raw(addr, proto, q.from, &q.bytes()).await).expect("decode");
+    assert_eq!(m.metadata.id, 4242);
+    assert_eq!(m.metadata.message_type, MessageType::Response);
+    m
+}
+
+fn addrs(m: &Message) -> Vec<String> {
+    m.answers
+        .iter()
+        .map(|r| match &r.data {
+            RData::A(a) => a.0.to_string(),
+            RData::AAAA(a) => a.0.to_string(),
+            other => format!("{other:?}"),
+        })
+        .collect()
+}
+
+fn scope(m: &Message) -> Option<(u8, u8)> {
+    match m.edns.as_ref()?.option(EdnsCode::Subnet)? {
+        EdnsOption::Subnet(s) => Some((s.source_prefix(), s.scope_prefix())),
+        _ => None,
+    }
+}
+
+async fn fixture() -> Fixture {
+    Fixture::new(&config_text(CIDR_GEO), Path::new("dns.toml")).await
+}
+
+#[tokio::test]
+async fn authoritative_semantics_over_udp_and_tcp() {
+    let f = fixture().await;
+    for proto in [Proto::Udp, Proto::Tcp] {
+        // A answer: aa, case of the question preserved in question and answer.
+        let m = ask(&f, proto, &Ask::new("ApP.ExAmple.TEST.", RecordType::A)).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.metadata.authoritative && !m.metadata.recursion_available);
+        assert_eq!(m.queries[0].name().to_ascii(), "ApP.ExAmple.TEST.");
+        assert_eq!(m.answers[0].name.to_ascii(), "ApP.ExAmple.TEST.");
+        assert_eq!(
+            addrs(&m),
+            ["127.0.1.1"],
+            "loopback client stands at the edge (Frankfurt): eu"
+        );
+        assert_eq!(m.answers[0].ttl, 30);
+        // AAAA.
+        let m = ask(&f, proto, &Ask::new("app.example.test.", RecordType::AAAA)).await;
+        assert_eq!(addrs(&m), ["2001:db8:1::1"]);
+        // NODATA: the name exists, the type does not; SOA minimum as TTL.
+        let m = ask(&f, proto, &Ask::new("app.example.test.", RecordType::MX)).await;
+        assert_eq!((m.metadata.response_code, m.answers.len()), (ResponseCode::NoError, 0));
+        assert!(matches!(m.authorities[0].data, RData::SOA(_)));
+        assert_eq!(m.authorities[0].ttl, 60);
+        // An empty non-terminal is NODATA too.
+        let m = ask(&f, proto, &Ask::new("deep.example.test.", RecordType::A)).await;
+        assert_eq!((m.metadata.response_code, m.answers.len()), (ResponseCode::NoError, 0));
+        // NXDOMAIN with the SOA.
+        let m = ask(&f, proto, &Ask::new("nope.example.test.", RecordType::A)).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        assert!(m.metadata.authoritative);
+        assert!(matches!(m.authorities[0].data, RData::SOA(_)));
+        // Outside every zone: REFUSED, not authoritative.
+        let m = ask(&f, proto, &Ask::new("example.com.", RecordType::A)).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+        assert!(!m.metadata.authoritative);
+        // Apex SOA and NS.
+        let m = ask(&f, proto, &Ask::new("example.test.", RecordType::SOA)).await;
+        match &m.answers[0].data {
+            RData::SOA(s) => assert_eq!(s.serial, 7),
+            other => panic!("{other:?}"),
+        }
+        let m = ask(&f, proto, &Ask::new("example.test.", RecordType::NS)).await;
+        assert_eq!(m.answers.len(), 2);
+        // ANY: one RRset (RFC 8482).
+        let m = ask(&f, proto, &Ask::new("app.example.test.", RecordType::ANY)).await;
+        assert_eq!(addrs(&m), ["127.0.1.1"]);
+        // Not a query: NOTIMP.
+        let mut notify = Ask::new("example.test.", RecordType::SOA);
+        notify.op = OpCode::Notify;
+        assert_eq!(
+            ask(&f, proto, &notify).await.metadata.response_code,
+            ResponseCode::NotImp
+        );
+        // Multi-value answers: the first N cells.
+        let m = ask(&f, proto, &Ask::new("lat.deep.example.test.", RecordType::A)).await;
+        assert_eq!(addrs(&m), ["127.0.1.1", "127.0.2.1"]);
+    }
+}
+
+#[tokio::test]
+async fn edns_payload_is_capped_and_large_answers_truncate_then_go_over_tcp() {
+    let f = fixture().await;
+    let mut q = Ask::new("big.example.test.", RecordType::A);
+    let m = ask(&f, Proto::Udp, &q).await;
+    assert_eq!(m.edns.as_ref().map(|e| e.max_payload()), Some(1232));
+    assert_eq!(m.answers.len(), 40, "fits in 1232 bytes");
+    q.edns = Some(4096);
+    assert_eq!(
+        ask(&f, Proto::Udp, &q).await.edns.as_ref().map(|e| e.max_payload()),
+        Some(1232),
+        "capped"
+    );
+    q.edns = None; // 512 bytes without EDNS: 40 A records do not fit.
+    let m = ask(&f, Proto::Udp, &q).await;
+    assert!(m.metadata.truncation, "TC set");
+    assert!(m.answers.len() < 40);
+    let m = ask(&f, Proto::Tcp, &q).await;
+    assert!(!m.metadata.truncation);
+    assert_eq!(m.answers.len(), 40, "the TCP retry gets everything");
+}
+
+#[tokio::test]
+async fn malformed_packets_get_formerr_or_nothing_and_never_stop_the_server() {
+    let f = fixture().await;
+    let good = Ask::new("app.example.test.", RecordType::A).bytes();
+    // Header fine, question truncated: FORMERR.
+    let bad = raw(f.server.udp, Proto::Udp, "127.0.0.1", &good[..good.len() - 14]).await;
+    let m = Message::from_vec(&bad).expect("decode");
+    assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
+    // Garbage of every length, then the server still answers.
+    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    for len in 0..64usize {
+        let junk: Vec<u8> = (0..len).map(|i| (i * 37 + len) as u8).collect();
+        sock.send_to(&junk, f.server.udp).await.expect("send");
+    }
+    let m = ask(&f, Proto::Udp, &Ask::new("app.example.test.", RecordType::A)).await;
+    assert_eq!(addrs(&m), ["127.0.1.1"]);
+    // EDNS version 1: BADVERS.
+    let mut msg = Message::from_vec(&good).expect("decode");
+    let mut e = Edns::new();
+    e.set_version(1);
+    msg.set_edns(e);
+    let m =
+        Message::from_vec(&raw(f.server.udp, Proto::Udp, "127.0.0.1", &msg.to_vec().expect("enc")).await).expect("dec");
+    // BADVERS and BADSIG share code 16 on the wire; the decoder names it BADSIG.
+    assert_eq!(u16::from(m.metadata.response_code), u16::from(ResponseCode::BADVERS));
+}
+
+#[tokio::test]
+async fn clients_get_their_nearest_healthy_cell_by_ecs_and_by_source_address_with_correct_scope() {
+    let f = fixture().await;
+    for (net, prefix, want, want_scope) in [
+        ("198.51.100.0", 24, "127.0.1.1", 24),
+        ("192.0.2.0", 24, "127.0.2.1", 24),
+        ("203.0.113.0", 24, "127.0.3.1", 24), // the table has a /25: never longer than the query's /24
+        ("203.0.113.0", 25, "127.0.3.1", 25),
+        ("192.0.2.0", 16, "127.0.1.1", 16), // no entry covers 192.0/16: edge location, scope = source
+    ] {
+        let m = ask(
+            &f,
+            Proto::Udp,
+            &Ask::new("app.example.test.", RecordType::A).ecs(net, prefix),
+        )
+        .await;
+        assert_eq!(addrs(&m), [want], "{net}/{prefix}");
+        assert_eq!(scope(&m), Some((prefix, want_scope)), "{net}/{prefix}");
+    }
+    // The answer of a failover service does not depend on the client: scope 0.
+    let m = ask(
+        &f,
+        Proto::Udp,
+        &Ask::new("lat.deep.example.test.", RecordType::A).ecs("203.0.113.0", 24),
+    )
+    .await;
+    assert_eq!(scope(&m), Some((24, 0)));
+    // By source address (loopback aliases placed in India and the US).
+    for (from, want) in [
+        ("127.0.0.2", "127.0.3.1"),
+        ("127.0.0.3", "127.0.2.1"),
+        ("127.0.0.1", "127.0.1.1"),
+    ] {
+        let mut q = Ask::new("app.example.test.", RecordType::A);
+        q.from = from;
+        let m = ask(&f, Proto::Udp, &q).await;
+        assert_eq!(addrs(&m), [want], "from {from}");
+        assert_eq!(scope(&m), None, "no ECS asked, none echoed");
+    }
+}
+
+#[tokio::test]
+async fn down_or_drained_cells_leave_answers_at_the_next_publish_and_all_down_policy_answers() {
+    let f = fixture().await;
+    let india = || Ask::new("app.example.test.", RecordType::A).ecs("203.0.113.0", 24);
+    assert_eq!(addrs(&ask(&f, Proto::Udp, &india()).await), ["127.0.3.1"]);
+    f.publish(&["ap"], &OperatorState::default());
+    let m = ask(&f, Proto::Udp, &india()).await;
+    assert_eq!(addrs(&m), ["127.0.1.1"], "next nearest after ap is down (Dublin)");
+    let mut op = OperatorState::default();
+    op.drains.insert(
+        CellId::new("eu"),
+        Drain {
+            mode: DrainMode::Soft,
+            started: Timestamp::from_unix_millis(0),
+            deadline: None,
+        },
+    );
+    f.publish(&["ap"], &op);
+    assert_eq!(
+        addrs(&ask(&f, Proto::Udp, &india()).await),
+        ["127.0.2.1"],
+        "drained eu never appears"
+    );
+    // Everything down: fail open (default), with the short TTL.
+    f.publish(&["eu", "us", "ap"], &OperatorState::default());
+    let m = ask(&f, Proto::Udp, &india()).await;
+    assert_eq!(addrs(&m).len(), 1);
+    assert_eq!(m.answers[0].ttl, 5, "degraded TTL while failing open");
+    // all_down = "closed": SERVFAIL.
+    let m = ask(&f, Proto::Udp, &Ask::new("closed.example.test.", RecordType::A)).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+}
+
+/// A GeoIP2-City-shaped database written with a writer crate, mapping the
+/// documentation networks; no downloaded data.
+fn write_mmdb(path: &Path) {
+    use maxminddb_writer::{metadata::IpVersion, paths::IpAddrWithMask, Database};
+    #[derive(serde::Serialize)]
+    struct Country {
+        iso_code: &'static str,
+    }
+    #[derive(serde::Serialize)]
+    struct Location {
+        latitude: f64,
+        longitude: f64,
+    }
+    #[derive(serde::Serialize)]
+    struct City {
+        country: Country,
+        location: Location,
+    }
+    let mut db = Database::default();
+    db.metadata.ip_version = IpVersion::V6;
+    db.metadata.database_type = "GeoIP2-City".into();
+    db.metadata.binary_format_major_version = 2;
+    db.metadata.languages = vec!["en".into()];
+    for (net, prefix, iso, lat, lon) in [
+        ("::198.51.100.0", 120u8, "IE", 53.35, -6.26),
+        ("::192.0.2.0", 120, "US", 37.43, -78.66),
+        ("::203.0.113.0", 120, "IN", 20.59, 78.96),
+        ("2001:db8::", 32, "IN", 20.59, 78.96),
+    ] {
+        let data = db
+            .insert_value(City {
+                country: Country { iso_code: iso },
+                location: Location {
+                    latitude: lat,
+                    longitude: lon,
+                },
+            })
+            .expect("value");
+        db.insert_node(IpAddrWithMask::new(net.parse().expect("ip"), prefix), data);
+    }
+    let f = std::fs::File::create(path).expect("create");
+    db.write_to(std::io::BufWriter::new(f)).expect("write");
+}
+
+#[tokio::test]
+async fn geo_from_a_maxmind_database_with_its_network_as_scope() {
+    let dir = std::env::temp_dir().join(format!("cellgate-dns-mmdb-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    write_mmdb(&dir.join("city.mmdb"));
+    let path = dir.join("dns.toml");
+    let f = Fixture::new(&config_text("[geo]\nmmdb = \"city.mmdb\"\n"), &path).await;
+    for (net, prefix, want, want_scope) in [
+        ("198.51.100.0", 24, "127.0.1.1", 24),
+        ("192.0.2.0", 24, "127.0.2.1", 24),
+        ("203.0.113.128", 25, "127.0.3.1", 24),
+        ("2001:db8:ab::", 48, "127.0.3.1", 32),
+    ] {
+        let m = ask(
+            &f,
+            Proto::Udp,
+            &Ask::new("app.example.test.", RecordType::A).ecs(net, prefix),
+        )
+        .await;
+        assert_eq!(addrs(&m), [want], "{net}/{prefix}");
+        assert_eq!(scope(&m), Some((prefix, want_scope)), "{net}/{prefix}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
