@@ -42,8 +42,25 @@ pub fn run() -> anyhow::Result<()> {
         }
         anyhow::Ok(cells)
     })?;
+    let token = match std::env::var("CELLGATE_ADMIN_TOKEN") {
+        Ok(t) if t.len() >= 16 => t,
+        _ => {
+            use rand::Rng;
+            let t: String = rand::rng()
+                .sample_iter(rand::distr::Alphanumeric)
+                .take(32)
+                .map(char::from)
+                .collect();
+            println!("CELLGATE_ADMIN_TOKEN was not set (or shorter than 16): the admin token for this demo is\n  export CELLGATE_ADMIN_TOKEN={t}");
+            t
+        }
+    };
     println!("{}", banner());
-    let result = crate::edge::run(config, None);
+    let opts = crate::edge::RunOptions {
+        admin_token: Some(token),
+        ..Default::default()
+    };
+    let result = crate::edge::run(config, opts);
     drop(cells);
     result
 }
@@ -70,6 +87,18 @@ Try:
   # make a cell slow or loaded
   curl -s -XPOST 'http://127.0.0.1:19082/latency?ms=200'
   curl -s -XPOST 'http://127.0.0.1:19083/load?value=0.95'
+  # DNS: geo answers by EDNS Client Subnet
+  kdig @127.0.0.1 -p 5353 +subnet=203.0.113.7/24 app.demo.test A
+  kdig @127.0.0.1 -p 5353 +subnet=198.51.100.7/24 app.demo.test A
+  # admin: status page http://127.0.0.1:9901/ ; API:
+  curl -s http://127.0.0.1:9901/api/v1/cells
+  curl -s -XPOST http://127.0.0.1:9901/api/v1/cells/eu-west/drain -d '{"mode":"soft","dry_run":true}'
+  curl -s -XPOST -H "Authorization: Bearer $CELLGATE_ADMIN_TOKEN" http://127.0.0.1:9901/api/v1/cells/eu-west/drain -d '{"mode":"soft","deadline":"5m"}'
+  curl -s -XPOST -H "Authorization: Bearer $CELLGATE_ADMIN_TOKEN" http://127.0.0.1:9901/api/v1/cells/eu-west/undrain
+  curl -s 'http://127.0.0.1:9901/api/v1/explain?service=app&client=203.0.113.7'
+  cargo run --release -- explain --service api --key acme
+  curl -s http://127.0.0.1:9901/metrics | grep cellgate_
+  (the demo keeps operator state in memory: a restart forgets drains)
 
 Ctrl-C stops the demo.
 "#

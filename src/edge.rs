@@ -91,10 +91,59 @@ pub fn sticky_key(config: &Config) -> anyhow::Result<Option<StickyKey>> {
     Ok(Some(StickyKey::new(&secret)))
 }
 
+/// How `run` was asked to start.
+#[derive(Debug, Default)]
+pub struct RunOptions {
+    /// The config file, for reloads (`None`: a built-in config).
+    pub config_path: Option<std::path::PathBuf>,
+    /// Stop from inside the process.
+    pub shutdown: Option<watch::Receiver<bool>>,
+    /// Start with empty operator state when the state file is corrupt.
+    pub ignore_state: bool,
+    /// An admin token to use instead of the config's (the demo's).
+    pub admin_token: Option<String>,
+}
+
 /// Runs an edge node with every listener `config` names until it is told
 /// to stop. Blocks the calling thread.
-pub fn run(config: Arc<Config>, shutdown: Option<watch::Receiver<bool>>) -> anyhow::Result<()> {
+pub fn run(config: Arc<Config>, opts: RunOptions) -> anyhow::Result<()> {
     let sticky = sticky_key(&config)?;
+    let tokens = match &opts.admin_token {
+        Some(t) => vec![cellgate_admin::Token::new("demo", t)],
+        None => cellgate_admin::resolve_tokens(&config)?,
+    };
+    if config.listeners.admin.is_some() && tokens.is_empty() {
+        tracing::warn!("no admin tokens configured: every mutating admin call will be refused");
+    }
+    let store: Box<dyn cellgate_admin::OperatorStore> = match &config.admin.state_file {
+        Some(p) => Box::new(cellgate_admin::FileStore::new(p)),
+        None => Box::new(cellgate_admin::MemoryStore),
+    };
+    let operator = match store.load() {
+        Ok(s) => s,
+        Err(e) if opts.ignore_state => {
+            tracing::warn!(error = %e, "--ignore-state: starting with no drains, weights or operator pins");
+            OperatorState::default()
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if !operator.drains.is_empty() {
+        tracing::info!(drains = ?operator.drains.keys().collect::<Vec<_>>(), "operator state restored from {}", store.describe());
+    }
+    let audit = match &config.admin.audit_log {
+        Some(p) => Some(std::sync::Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("admin.audit_log: cannot open `{}`", p.display()))?,
+        )),
+        None => None,
+    };
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| tracing::warn!(error = %e, "metrics recorder not installed"))
+        .ok();
     let control = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("cellgate-control")
@@ -106,12 +155,44 @@ pub fn run(config: Arc<Config>, shutdown: Option<watch::Receiver<bool>>) -> anyh
     let first_round =
         config.cells.iter().map(|c| c.health.timeout).max().unwrap_or_default() + Duration::from_millis(100);
     let health = control.block_on(async {
-        let h = Health::start(config.clone(), OperatorState::default(), Arc::new(NetworkProbe::new()));
+        let h = Health::start(config.clone(), operator.clone(), Arc::new(NetworkProbe::new()));
         if !h.wait_ready(first_round).await {
             tracing::warn!("first probe round incomplete after {first_round:?}; starting with what is known");
         }
-        h
+        Arc::new(h)
     });
+    let admin = Arc::new(cellgate_admin::Admin {
+        health: health.clone(),
+        config_path: opts.config_path.clone(),
+        config: arc_swap::ArcSwap::new(config.clone()),
+        operator: tokio::sync::Mutex::new(operator),
+        store,
+        tokens: arc_swap::ArcSwap::from_pointee(tokens),
+        audit,
+        metrics,
+        sticky: sticky.clone(),
+    });
+    if let Some(addr) = config.listeners.admin {
+        let local = control.block_on(cellgate_admin::serve(addr, admin.clone()))?;
+        tracing::info!(%local, "admin serving");
+    }
+    {
+        let admin = admin.clone();
+        control.spawn(async move {
+            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+                tracing::error!("cannot install the SIGHUP handler: reload with POST /api/v1/reload");
+                return;
+            };
+            while hup.recv().await.is_some() {
+                match admin.reload() {
+                    Ok(report) => tracing::info!(%report, "SIGHUP: config reloaded"),
+                    Err(problems) => {
+                        tracing::error!(?problems, "SIGHUP: invalid config; still serving the previous one")
+                    }
+                }
+            }
+        });
+    }
 
     let conf = ServerConf {
         threads: config.proxy.threads,
@@ -126,23 +207,19 @@ pub fn run(config: Arc<Config>, shutdown: Option<watch::Receiver<bool>>) -> anyh
         &config,
         &health.tables(),
         &health.passive(),
+        &health.traffic(),
         sticky,
     )?;
     let dns = match config.listeners.dns {
         Some(addr) => {
-            let server = control.block_on(cellgate_dns::DnsServer::start(addr, health.tables()))?;
+            let server = control.block_on(cellgate_dns::DnsServer::start(addr, health.tables(), health.traffic()))?;
             tracing::info!(udp = %server.udp, tcp = %server.tcp, "dns serving");
             Some(server)
         }
         None => None,
     };
-    for (name, configured) in [
-        ("admin", config.listeners.admin.is_some()),
-        ("tcp", !config.listeners.tcp.is_empty()),
-    ] {
-        if configured {
-            tracing::warn!("listener `{name}` is configured but this build does not serve it yet");
-        }
+    if !config.listeners.tcp.is_empty() {
+        tracing::warn!("listeners.tcp is configured but this build does not serve L4 yet");
     }
     if services.is_empty() {
         tracing::warn!("the config names no http or https listener: only health checks run");
@@ -160,12 +237,13 @@ pub fn run(config: Arc<Config>, shutdown: Option<watch::Receiver<bool>>) -> anyh
         "edge node starting"
     );
     server.run(RunArgs {
-        shutdown_signal: Box::new(Signals(shutdown)),
+        shutdown_signal: Box::new(Signals(opts.shutdown)),
     });
     tracing::info!("edge node stopped");
     if let Some(dns) = dns {
         control.block_on(dns.shutdown());
     }
+    drop(admin);
     drop(health);
     control.shutdown_timeout(Duration::from_secs(1));
     Ok(())

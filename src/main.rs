@@ -30,6 +30,27 @@ enum Command {
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// Start even if the operator state file is corrupt (forgetting drains, weights and pins).
+        #[arg(long)]
+        ignore_state: bool,
+    },
+    /// Ask a running edge node why a client goes where it goes.
+    Explain {
+        /// The edge node's admin address.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
+        /// Service name, HTTP host or DNS name.
+        #[arg(long)]
+        service: String,
+        /// The client's IP address.
+        #[arg(long)]
+        client: Option<std::net::IpAddr>,
+        /// The request's shard key.
+        #[arg(long)]
+        key: Option<String>,
+        /// The value of the service's sticky cookie.
+        #[arg(long)]
+        sticky: Option<String>,
     },
     /// Start three simulated cells on loopback and an edge node in front of them.
     Demo,
@@ -47,8 +68,9 @@ enum Command {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,pingora_core=warn,pingora_proxy=warn,hickory_server=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,pingora_core=warn,pingora_proxy=warn,hickory_server=warn")
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -76,16 +98,30 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { config } => {
+        Command::Run { config, ignore_state } => {
             init_logging(cli.log_format);
             match cellgate::config::load(&config) {
-                Ok(c) => cellgate::edge::run(Arc::new(c), None),
+                Ok(c) => cellgate::edge::run(
+                    Arc::new(c),
+                    cellgate::edge::RunOptions {
+                        config_path: Some(config),
+                        ignore_state,
+                        ..Default::default()
+                    },
+                ),
                 Err(e) => {
                     eprintln!("{e}");
                     return ExitCode::FAILURE;
                 }
             }
         }
+        Command::Explain {
+            admin,
+            service,
+            client,
+            key,
+            sticky,
+        } => explain(admin, &service, client, key, sticky),
         Command::Demo => {
             init_logging(cli.log_format);
             cellgate::demo::run()
@@ -125,6 +161,72 @@ fn sim_cell(opts: cellgate::sim_cell::SimCellOptions) -> anyhow::Result<()> {
         let _cell = cellgate::sim_cell::SimCell::start(opts).await?;
         tracing::info!(%id, %listen, %control, "sim cell serving");
         tokio::signal::ctrl_c().await?;
+        anyhow::Ok(())
+    })
+}
+
+fn explain(
+    admin: SocketAddr,
+    service: &str,
+    client: Option<std::net::IpAddr>,
+    key: Option<String>,
+    sticky: Option<String>,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut query: Vec<(&str, String)> = vec![("service", service.to_owned())];
+        query.extend(client.map(|c| ("client", c.to_string())));
+        query.extend(key.map(|k| ("key", k)));
+        query.extend(sticky.map(|s| ("sticky", s)));
+        let resp = reqwest::Client::new()
+            .get(format!("http://{admin}/api/v1/explain"))
+            .query(&query)
+            .timeout(std::time::Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach the admin endpoint at {admin}: {e}"))?;
+        let status = resp.status();
+        let v: serde_json::Value = resp.json().await?;
+        if !status.is_success() {
+            anyhow::bail!("{}", v["error"].as_str().unwrap_or("request failed"));
+        }
+        let c = &v["client"];
+        println!(
+            "service {} (policy {}), table generation {}",
+            v["service"].as_str().unwrap_or("?"),
+            v["policy"].as_str().unwrap_or("?"),
+            v["generation"]
+        );
+        match (c["ip"].as_str(), c["placed_at_edge"].as_bool()) {
+            (Some(ip), Some(false)) => println!(
+                "client {ip}: {} at {}, {} (matched /{})",
+                c["country"].as_str().unwrap_or("??"),
+                c["location"]["lat"],
+                c["location"]["lon"],
+                c["matched_prefix"]
+            ),
+            (Some(ip), _) => println!("client {ip}: location unknown, placed at the edge"),
+            (None, _) => println!("no client address: placed at the edge"),
+        }
+        if let Some(s) = v["sticky"].as_str() {
+            println!("sticky cookie: {s}");
+        }
+        println!("outcome: {}", v["outcome"].as_str().unwrap_or("?"));
+        for (i, cand) in v["candidates"].as_array().into_iter().flatten().enumerate() {
+            println!(
+                "  {}. {:<12} {}",
+                i + 1,
+                cand["cell"].as_str().unwrap_or("?"),
+                cand["why"].as_str().unwrap_or("")
+            );
+        }
+        for ex in v["excluded"].as_array().into_iter().flatten() {
+            println!(
+                "  -  {:<12} {}",
+                ex["cell"].as_str().unwrap_or("?"),
+                ex["why"].as_str().unwrap_or("")
+            );
+        }
         anyhow::Ok(())
     })
 }

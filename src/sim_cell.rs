@@ -43,7 +43,9 @@ pub struct SimCellOptions {
 
 #[derive(Debug)]
 struct State {
-    opts: SimCellOptions,
+    /// Where it listens; ports asked as 0 are replaced by the bound ones.
+    opts: Mutex<SimCellOptions>,
+    id: String,
     up: AtomicBool,
     health_fail: AtomicBool,
     latency_ms: AtomicU64,
@@ -95,8 +97,11 @@ impl SimCell {
     /// Binds every listener and starts serving.
     pub async fn start(opts: SimCellOptions) -> std::io::Result<SimCell> {
         let control_listener = TcpListener::bind(opts.control_listen).await?;
+        let mut opts = opts;
+        opts.control_listen = control_listener.local_addr()?;
         let state = Arc::new(State {
-            opts,
+            id: opts.id.clone(),
+            opts: Mutex::new(opts),
             up: AtomicBool::new(false),
             health_fail: AtomicBool::new(false),
             latency_ms: AtomicU64::new(0),
@@ -130,7 +135,12 @@ impl SimCell {
     }
 
     pub fn id(&self) -> &str {
-        &self.state.opts.id
+        &self.state.id
+    }
+
+    /// The addresses it listens on (actual ports where 0 was asked).
+    pub fn addrs(&self) -> SimCellOptions {
+        self.state.opts.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Requests served (not counting health checks).
@@ -145,11 +155,23 @@ impl SimCell {
 }
 
 async fn start_serving(state: &Arc<State>) -> std::io::Result<()> {
-    let http = TcpListener::bind(state.opts.listen).await?;
-    let tcp = match state.opts.tcp_listen {
+    let (listen, tcp_listen) = {
+        let o = state.opts.lock().unwrap_or_else(|e| e.into_inner());
+        (o.listen, o.tcp_listen)
+    };
+    let http = TcpListener::bind(listen).await?;
+    let tcp = match tcp_listen {
         Some(a) => Some(TcpListener::bind(a).await?),
         None => None,
     };
+    {
+        // Keep the bound ports, so `/up` comes back on the same ones.
+        let mut o = state.opts.lock().unwrap_or_else(|e| e.into_inner());
+        o.listen = http.local_addr()?;
+        if let Some(t) = &tcp {
+            o.tcp_listen = Some(t.local_addr()?);
+        }
+    }
     let mut tasks = Vec::new();
     let s = state.clone();
     tasks.push(tokio::spawn(async move {
@@ -180,7 +202,7 @@ async fn start_serving(state: &Arc<State>) -> std::io::Result<()> {
             loop {
                 let Ok((stream, _)) = tcp.accept().await else { continue };
                 let mut gone = s.generation.subscribe();
-                let id = s.opts.id.clone();
+                let id = s.id.clone();
                 tokio::spawn(async move {
                     tokio::select! {
                         _ = echo(stream, id) => {}
@@ -235,7 +257,7 @@ async fn serve(s: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
     }
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let mut body = serde_json::json!({
-        "cell": s.opts.id,
+        "cell": s.id,
         "method": req.method().as_str(),
         "path": req.uri().path(),
         "host": header("host"),
@@ -268,7 +290,7 @@ fn websocket(s: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
         return respond(StatusCode::BAD_REQUEST, "missing sec-websocket-key\n");
     };
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key);
-    let id = s.opts.id.clone();
+    let id = s.id.clone();
     tokio::spawn(async move {
         let Ok(upgraded) = hyper::upgrade::on(req).await else {
             return;
@@ -320,7 +342,7 @@ async fn control(s: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
         return json(
             StatusCode::OK,
             serde_json::json!({
-                "cell": s.opts.id,
+                "cell": s.id,
                 "up": s.up.load(Ordering::SeqCst),
                 "health_fail": s.health_fail.load(Ordering::Relaxed),
                 "latency_ms": s.latency_ms.load(Ordering::Relaxed),
@@ -375,6 +397,6 @@ async fn control(s: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
     }
     json(
         StatusCode::OK,
-        serde_json::json!({ "cell": s.opts.id, "ok": true, "up": s.up.load(Ordering::SeqCst) }),
+        serde_json::json!({ "cell": s.id, "ok": true, "up": s.up.load(Ordering::SeqCst) }),
     )
 }

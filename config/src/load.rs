@@ -91,6 +91,7 @@ impl Validator {
         let publish = self.publish(&raw.publish);
         let proxy = self.proxy(&raw.proxy);
         let dns = self.dns(&raw.dns, &services, listeners.dns.is_some());
+        let admin = self.admin(&raw.admin);
         let sticky_secret = raw.sticky_secret.as_ref().and_then(|s| self.secret("sticky_secret", s));
         if sticky_secret.is_none() {
             if let Some((i, _)) = services.iter().enumerate().find(|(_, s)| s.sticky.is_some()) {
@@ -113,6 +114,52 @@ impl Validator {
             publish,
             proxy,
             dns,
+            admin,
+        }
+    }
+
+    fn writable_path(&mut self, key: &str, s: &str) -> PathBuf {
+        let p = self.base.join(s);
+        match p.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+                self.problem(key, format!("directory `{}` does not exist", dir.display()));
+            }
+            _ => {}
+        }
+        p
+    }
+
+    fn admin(&mut self, raw: &RawAdmin) -> Admin {
+        let state_file = raw
+            .state_file
+            .as_ref()
+            .map(|s| self.writable_path("admin.state_file", s));
+        let audit_log = raw.audit_log.as_ref().map(|s| self.writable_path("admin.audit_log", s));
+        let mut tokens = Vec::new();
+        for (i, t) in raw.tokens.iter().enumerate() {
+            let key = format!("admin.tokens[{i}]");
+            if t.name.trim().is_empty() {
+                self.problem(format!("{key}.name"), "must not be empty");
+            }
+            if tokens.iter().any(|x: &AdminToken| x.name == t.name) {
+                self.problem(format!("{key}.name"), format!("token name `{}` is used twice", t.name));
+            }
+            let secret = RawSecret {
+                env: t.env.clone(),
+                file: t.file.clone(),
+                ephemeral_if_unset: false,
+            };
+            if let Some(secret) = self.secret(&key, &secret) {
+                tokens.push(AdminToken {
+                    name: t.name.clone(),
+                    secret,
+                });
+            }
+        }
+        Admin {
+            state_file,
+            audit_log,
+            tokens,
         }
     }
 

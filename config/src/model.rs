@@ -118,6 +118,7 @@ pub struct Config {
     pub publish: Publish,
     pub proxy: ProxySettings,
     pub dns: Dns,
+    pub admin: Admin,
 }
 
 impl Config {
@@ -558,4 +559,22 @@ pub struct Soa {
     pub expire: Duration,
     /// TTL of negative answers (RFC 2308).
     pub minimum: Duration,
+}
+
+/// The admin endpoint.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Admin {
+    /// Where drains, weights and pins are kept across restarts. `None`:
+    /// in memory only (lost on restart).
+    pub state_file: Option<PathBuf>,
+    /// Append-only JSON lines, one per mutation.
+    pub audit_log: Option<PathBuf>,
+    /// Bearer tokens allowed to mutate, each named for the audit log.
+    pub tokens: Vec<AdminToken>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdminToken {
+    pub name: String,
+    pub secret: SecretSource,
 }

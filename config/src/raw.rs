@@ -31,6 +31,25 @@ pub(crate) struct RawConfig {
     pub proxy: RawProxy,
     #[serde(default)]
     pub dns: RawDns,
+    #[serde(default)]
+    pub admin: RawAdmin,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAdmin {
+    pub state_file: Option<String>,
+    pub audit_log: Option<String>,
+    #[serde(default)]
+    pub tokens: Vec<RawAdminToken>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAdminToken {
+    pub name: String,
+    pub env: Option<String>,
+    pub file: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

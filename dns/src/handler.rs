@@ -8,6 +8,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use cellgate_config::Policy;
+use cellgate_health::TrafficStats;
 use cellgate_routing::{hash, steer, CellState, Client, Outcome, RouteQuery, RoutingTable, Timestamp};
 use hickory_proto::{
     op::{Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode},
@@ -36,6 +37,7 @@ const WEIGHTED_V6_PREFIX: u8 = 56;
 #[derive(Debug)]
 pub struct CellDns {
     tables: Arc<ArcSwap<RoutingTable>>,
+    traffic: TrafficStats,
     /// Zones of the config the current table was built from.
     zones: ArcSwap<(usize, Arc<Zones>)>,
     max_payload: u16,
@@ -75,13 +77,14 @@ fn truncate(ip: IpAddr, prefix: u8) -> IpAddr {
 }
 
 impl CellDns {
-    pub fn new(tables: Arc<ArcSwap<RoutingTable>>) -> Self {
+    pub fn new(tables: Arc<ArcSwap<RoutingTable>>, traffic: TrafficStats) -> Self {
         let t = tables.load();
         let max_payload = t.config.dns.max_udp_payload;
         let zones = ArcSwap::from_pointee((Arc::as_ptr(&t.config) as usize, Arc::new(Zones::new(&t.config))));
         drop(t);
         Self {
             tables,
+            traffic,
             zones,
             max_payload,
         }
@@ -250,7 +253,14 @@ impl CellDns {
             });
         let ttl = if degraded { spec.dns_degraded_ttl } else { spec.dns_ttl };
         let ttl = u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX);
+        if d.outcome == Outcome::FailOpen {
+            metrics::counter!("cellgate_fail_open_total", "service" => spec.name.to_string(), "face" => "dns")
+                .increment(1);
+        }
         for c in d.candidates() {
+            let id = table.cell(c.cell).id.as_str();
+            self.traffic.dns_answer(id);
+            metrics::counter!("cellgate_dns_answers_total", "cell" => id.to_owned()).increment(1);
             let cell = table.cell_spec(c.cell);
             if matches!(qtype, RecordType::A | RecordType::ANY) {
                 a.answers.extend(
@@ -274,6 +284,12 @@ impl CellDns {
 impl RequestHandler for CellDns {
     async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, mut response: R) -> ResponseInfo {
         let a = self.answer(request);
+        let qtype = request
+            .queries
+            .queries()
+            .first()
+            .map_or_else(|| "none".to_owned(), |q| q.query_type().to_string());
+        metrics::counter!("cellgate_dns_queries_total", "qtype" => qtype, "rcode" => a.rcode.to_str()).increment(1);
         let builder = MessageResponseBuilder::new(&request.queries, a.edns.as_ref());
         let mut meta = Metadata::response_from_request(&request.metadata);
         meta.authoritative = a.authoritative;

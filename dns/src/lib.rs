@@ -56,7 +56,11 @@ const TCP_IDLE: Duration = Duration::from_secs(10);
 impl DnsServer {
     /// Binds `addr` (UDP and TCP; port 0 picks one) and serves answers from
     /// `tables`. Must be called inside a tokio runtime.
-    pub async fn start(addr: SocketAddr, tables: Arc<ArcSwap<RoutingTable>>) -> Result<Self, Error> {
+    pub async fn start(
+        addr: SocketAddr,
+        tables: Arc<ArcSwap<RoutingTable>>,
+        traffic: cellgate_health::TrafficStats,
+    ) -> Result<Self, Error> {
         let udp = tokio::net::UdpSocket::bind(addr).await.map_err(|source| Error::Bind {
             addr,
             proto: "udp",
@@ -80,7 +84,7 @@ impl DnsServer {
             proto: "tcp",
             source,
         })?;
-        let mut server = hickory_server::Server::new(CellDns::new(tables));
+        let mut server = hickory_server::Server::new(CellDns::new(tables, traffic));
         server.register_socket(udp);
         server.register_listener(tcp, TCP_IDLE, 64);
         Ok(Self {

@@ -156,7 +156,8 @@ impl Fixture {
             1,
         );
         let tables = Arc::new(ArcSwap::from_pointee(table));
-        let server = DnsServer::start("127.0.0.1:0".parse().expect("addr"), tables.clone())
+        let traffic = cellgate_health::TrafficStats::new(&config);
+        let server = DnsServer::start("127.0.0.1:0".parse().expect("addr"), tables.clone(), traffic)
             .await
             .expect("start");
         Self { config, tables, server }

@@ -20,7 +20,8 @@ fn handler() -> &'static CellDns {
     H.get_or_init(|| {
         let config = Arc::new(cellgate_config::parse(DEMO, Path::new("examples/demo.toml")).expect("demo config"));
         let table = RoutingTable::build(config, &Measurements::default(), &OperatorState::default(), None, 1);
-        CellDns::new(Arc::new(ArcSwap::from_pointee(table)))
+        let traffic = cellgate_health::TrafficStats::new(&table.config);
+        CellDns::new(Arc::new(ArcSwap::from_pointee(table)), traffic)
     })
 }
 

@@ -17,9 +17,11 @@ mod latency;
 mod passive;
 mod probe;
 mod publisher;
+mod traffic;
 
 pub use hysteresis::Hysteresis;
 pub use latency::{Ewma, RttWindow};
 pub use passive::{InflightGuard, PassiveReporter, UpstreamOutcome};
 pub use probe::{parse_load, NetworkProbe, Probe, ProbeFuture, ProbeOutcome, ProbeTarget};
 pub use publisher::{Health, JITTER};
+pub use traffic::{now_secs, CellTraffic, RollingCounter, TrafficStats};

@@ -22,6 +22,7 @@ use crate::{
     latency::{Ewma, RttWindow},
     passive::{PassiveReporter, Slot, Slots},
     probe::{Probe, ProbeOutcome, ProbeTarget},
+    traffic::TrafficStats,
 };
 
 /// How often the RTT window rotates, and how many rotations it keeps: p50
@@ -51,6 +52,7 @@ pub struct Health {
     passive: PassiveReporter,
     ready: watch::Receiver<bool>,
     generation: watch::Receiver<u64>,
+    traffic: TrafficStats,
     task: JoinHandle<()>,
 }
 
@@ -75,6 +77,7 @@ impl Health {
             slots: slots.clone(),
             tx: tx.clone(),
         };
+        let traffic = TrafficStats::new(&config);
         let mut p = Publisher {
             config: config.clone(),
             operator,
@@ -88,6 +91,7 @@ impl Health {
             ready: ready_tx,
             generation: gen_tx,
             published: Vec::new(),
+            traffic: traffic.clone(),
             last_publish: Instant::now(),
             last_rotation: Instant::now(),
             prober_blind: false,
@@ -100,8 +104,14 @@ impl Health {
             passive,
             ready,
             generation,
+            traffic,
             task,
         }
+    }
+
+    /// Live traffic counters, fed by the proxy and DNS.
+    pub fn traffic(&self) -> TrafficStats {
+        self.traffic.clone()
     }
 
     /// The current table.
@@ -270,6 +280,7 @@ struct Publisher {
     ready: watch::Sender<bool>,
     generation: watch::Sender<u64>,
     published: Vec<Published>,
+    traffic: TrafficStats,
     last_publish: Instant,
     last_rotation: Instant,
     prober_blind: bool,
@@ -417,6 +428,7 @@ impl Publisher {
             ep.ejections += 1;
             ep.ejected_until = Some(now + length);
             tracing::warn!(cell = %track.id, endpoint = %addr, ejection = ep.ejections, ?length, "endpoint ejected by passive health");
+            metrics::counter!("cellgate_passive_ejections_total", "cell" => track.id.to_string()).increment(1);
             return Change::Now;
         }
         Change::None
@@ -481,6 +493,7 @@ impl Publisher {
                 .flat_map(|c| c.endpoints.iter().map(|e| (e.addr, e.slot.clone())))
                 .collect(),
         }));
+        self.traffic.update(&config);
         self.config = config;
         self.epoch += 1;
         for p in self.probers.drain(..) {
@@ -541,6 +554,31 @@ impl Publisher {
         let prev = self.table.load_full();
         let generation = prev.generation + 1;
         let table = RoutingTable::build(self.config.clone(), &m, &self.operator, Some(&prev), generation);
+        for c in &table.cells {
+            let m = &c.measurement;
+            let id = c.id.to_string();
+            let up = match m.health {
+                CellHealth::Up => 1.0,
+                CellHealth::Down => 0.0,
+                CellHealth::Unknown => -1.0,
+            };
+            metrics::gauge!("cellgate_cell_up", "cell" => id.clone()).set(up);
+            metrics::gauge!("cellgate_cell_endpoints_up", "cell" => id.clone()).set(f64::from(m.endpoints_up));
+            if let Some(rtt) = m.srtt {
+                metrics::gauge!("cellgate_cell_rtt_seconds", "cell" => id.clone()).set(rtt.as_secs_f64());
+            }
+            if let Some(p99) = m.rtt_p99 {
+                metrics::gauge!("cellgate_cell_rtt_p99_seconds", "cell" => id.clone()).set(p99.as_secs_f64());
+            }
+            if let Some(load) = m.load {
+                metrics::gauge!("cellgate_cell_load", "cell" => id.clone()).set(load);
+            }
+            let drained = matches!(c.state, cellgate_routing::CellState::Drained(_));
+            metrics::gauge!("cellgate_cell_drained", "cell" => id).set(if drained { 1.0 } else { 0.0 });
+        }
+        metrics::gauge!("cellgate_table_generation").set(generation as f64);
+        metrics::gauge!("cellgate_prober_blind").set(if blind { 1.0 } else { 0.0 });
+        metrics::counter!("cellgate_table_swaps_total").increment(1);
         self.table.store(Arc::new(table));
         self.last_publish = Instant::now();
         let _ = self.generation.send(generation);

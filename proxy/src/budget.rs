@@ -2,55 +2,15 @@
 //! a small floor, over a sliding 10-second window. Lock-free: counts live in
 //! per-second buckets of atomics.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
-const BUCKETS: usize = 10;
-
-#[derive(Debug)]
-struct Window {
-    /// Each bucket packs (second << 32 | count).
-    buckets: [AtomicU64; BUCKETS],
-}
-
-impl Window {
-    fn new() -> Self {
-        Self {
-            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
-        }
-    }
-
-    fn add(&self, sec: u64) {
-        let b = &self.buckets[(sec as usize) % BUCKETS];
-        let tag = sec & 0xffff_ffff;
-        let mut cur = b.load(Ordering::Relaxed);
-        loop {
-            let next = if cur >> 32 == tag { cur + 1 } else { (tag << 32) | 1 };
-            match b.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => return,
-                Err(actual) => cur = actual,
-            }
-        }
-    }
-
-    fn sum(&self, sec: u64) -> u64 {
-        let oldest = sec.saturating_sub(BUCKETS as u64 - 1) & 0xffff_ffff;
-        let now = sec & 0xffff_ffff;
-        self.buckets
-            .iter()
-            .map(|b| b.load(Ordering::Relaxed))
-            .filter(|v| (oldest..=now).contains(&(v >> 32)))
-            .map(|v| v & 0xffff_ffff)
-            .sum()
-    }
-}
+use cellgate_health::RollingCounter;
 
 /// See the module docs.
 #[derive(Debug)]
 pub struct RetryBudget {
     ratio: f64,
     floor_per_sec: u64,
-    requests: Window,
-    retries: Window,
+    requests: RollingCounter,
+    retries: RollingCounter,
 }
 
 impl RetryBudget {
@@ -58,8 +18,8 @@ impl RetryBudget {
         Self {
             ratio,
             floor_per_sec,
-            requests: Window::new(),
-            retries: Window::new(),
+            requests: RollingCounter::new(1),
+            retries: RollingCounter::new(1),
         }
     }
 
@@ -70,7 +30,8 @@ impl RetryBudget {
 
     /// Takes one retry from the budget if there is room; false otherwise.
     pub fn try_retry(&self, sec: u64) -> bool {
-        let allowed = self.floor_per_sec * BUCKETS as u64 + (self.requests.sum(sec) as f64 * self.ratio) as u64;
+        let window = self.requests.window_secs();
+        let allowed = self.floor_per_sec * window + (self.requests.sum(sec) as f64 * self.ratio) as u64;
         if self.retries.sum(sec) >= allowed {
             return false;
         }

@@ -9,7 +9,7 @@ use std::{
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use cellgate_config::{ProxySettings, ShardKeySource};
-use cellgate_health::{InflightGuard, PassiveReporter, UpstreamOutcome};
+use cellgate_health::{InflightGuard, PassiveReporter, TrafficStats, UpstreamOutcome};
 use cellgate_routing::{steer, Client, Decision, Outcome, RouteQuery, RoutingTable, ServiceIdx, StickyKey, Timestamp};
 use pingora::{
     http::{RequestHeader, ResponseHeader},
@@ -34,6 +34,7 @@ pub struct CellProxy {
     sticky: Option<StickyKey>,
     settings: ProxySettings,
     budget: RetryBudget,
+    traffic: TrafficStats,
     tls: bool,
 }
 
@@ -45,6 +46,7 @@ impl CellProxy {
         passive: PassiveReporter,
         sticky: Option<StickyKey>,
         settings: ProxySettings,
+        traffic: TrafficStats,
         tls: bool,
     ) -> Self {
         let budget = RetryBudget::new(settings.retry_budget, 10);
@@ -54,6 +56,7 @@ impl CellProxy {
             sticky,
             settings,
             budget,
+            traffic,
             tls,
         }
     }
@@ -193,6 +196,8 @@ impl CellProxy {
         let decision = steer(&table, &query, now);
         if decision.outcome == Outcome::FailOpen {
             tracing::warn!(service = %spec.name, "no eligible cell: failing open");
+            metrics::counter!("cellgate_fail_open_total", "service" => spec.name.to_string(), "face" => "proxy")
+                .increment(1);
         }
         if decision.is_empty() {
             return Err(http_error(
@@ -452,6 +457,30 @@ impl ProxyHttp for CellProxy {
             .and_then(|d| d.candidates().get(ctx.attempt))
             .map(|c| c.reason.to_string())
             .unwrap_or_default();
+        if let (Some(cell), true) = (ctx.cell_id(), service != "-") {
+            let sticky = ctx.sticky_cell.as_deref() == Some(cell);
+            self.traffic.request(service, cell, sticky);
+            let class = match status {
+                100..=199 => "1xx",
+                200..=299 => "2xx",
+                300..=399 => "3xx",
+                400..=499 => "4xx",
+                500..=599 => "5xx",
+                _ => "none",
+            };
+            let labels = [("service", service.to_owned()), ("cell", cell.to_owned())];
+            metrics::counter!("cellgate_requests_total", &labels).increment(1);
+            metrics::counter!("cellgate_responses_total", "service" => service.to_owned(), "cell" => cell.to_owned(), "class" => class)
+                .increment(1);
+            metrics::histogram!("cellgate_request_duration_seconds", &labels).record(ms / 1000.0);
+            if ctx.retries > 0 {
+                metrics::counter!("cellgate_retries_total", "service" => service.to_owned())
+                    .increment(u64::from(ctx.retries));
+                metrics::counter!("cellgate_failovers_total", &labels).increment(1);
+            }
+        } else {
+            metrics::counter!("cellgate_requests_unrouted_total", "status" => status.to_string()).increment(1);
+        }
         tracing::info!(
             target: "cellgate::access",
             method = %session.req_header().method,

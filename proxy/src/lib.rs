@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use cellgate_config::Config;
-use cellgate_health::PassiveReporter;
+use cellgate_health::{PassiveReporter, TrafficStats};
 use cellgate_routing::{RoutingTable, StickyKey};
 use pingora::{
     apps::HttpServerOptions, listeners::tls::TlsSettings, proxy::HttpProxy, server::configuration::ServerConf,
@@ -51,6 +51,7 @@ pub fn http_services(
     config: &Config,
     tables: &Arc<ArcSwap<RoutingTable>>,
     passive: &PassiveReporter,
+    traffic: &TrafficStats,
     sticky: Option<StickyKey>,
 ) -> Result<Vec<HttpService>, Error> {
     let mut services = Vec::new();
@@ -60,6 +61,7 @@ pub fn http_services(
             passive.clone(),
             sticky.clone(),
             config.proxy.clone(),
+            traffic.clone(),
             tls,
         )
     };

@@ -85,9 +85,9 @@ impl Reason {
             }
             Reason::ShardHome => "home cell of the shard key (rendezvous hash)".into(),
             Reason::ShardFailover { home, rank } => format!(
-                "shard key's home `{}` is not eligible; choice {} in the key's hash order",
-                table.cell(home).id,
-                rank + 1
+                "choice {} in the shard key's hash order (home `{}`)",
+                rank + 1,
+                table.cell(home).id
             ),
             Reason::Sticky => "sticky session cookie names this cell".into(),
             Reason::Policy { policy, rank } => format!("policy `{policy}` ranks it {}", rank + 1),
@@ -195,8 +195,10 @@ pub fn steer(table: &RoutingTable, q: &RouteQuery<'_>, now: Timestamp) -> Decisi
         return d;
     };
     let class = svc.class(q.client.country);
-    // A cell a request is already bound to (pin, shard hash, sticky cookie):
-    // eligible, or soft-drained with its deadline still ahead.
+    // New traffic: eligible cells only.
+    let eligible = |c: CellIdx| class.allowed.contains(c) && table.cell(c).state == CellState::Eligible;
+    // A cell a request is already bound to (its pin, its key's home, its
+    // sticky cookie): eligible, or soft-drained with its deadline ahead.
     let bound_ok = |c: CellIdx| {
         class.allowed.contains(c)
             && match table.cell(c).state {
@@ -231,7 +233,8 @@ pub fn steer(table: &RoutingTable, q: &RouteQuery<'_>, now: Timestamp) -> Decisi
                 Reason::ShardFailover { home, rank }
             };
             rank = rank.saturating_add(1);
-            if bound_ok(c) {
+            let ok = if c == home { bound_ok(c) } else { eligible(c) };
+            if ok {
                 d.push(limit, c, r)
             } else {
                 true

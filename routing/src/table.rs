@@ -92,6 +92,20 @@ pub struct Measurements {
     pub prober_blind: bool,
 }
 
+impl Measurements {
+    /// The measurements a table was built from (to build a what-if table).
+    pub fn from_table(table: &RoutingTable) -> Self {
+        Self {
+            cells: table
+                .cells
+                .iter()
+                .map(|c| (c.id.clone(), c.measurement.clone()))
+                .collect(),
+            prober_blind: table.prober_blind,
+        }
+    }
+}
+
 /// Shard pins: service → key → cell.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Pins(pub HashMap<ServiceName, HashMap<String, CellId>>);

@@ -265,6 +265,20 @@ fn soft_drain_keeps_bound_traffic_until_the_deadline_hard_drain_does_not() {
         "after the deadline: the key's next choice"
     );
 
+    // A soft-drained cell keeps keys homed on it but takes no others,
+    // not even as their failover.
+    for k in 0..200 {
+        let key = format!("other-{k}");
+        let mut q = q(&t);
+        q.shard_key = Some(&key);
+        q.limit = 3;
+        let d = steer(&t, &q, NOW);
+        let home = t.service(q.service).ring.order(key.as_bytes()).next();
+        if home != t.cell_idx("c0") {
+            assert!(!ids(&t, &d).contains(&"c0".to_string()), "{key}: {:?}", ids(&t, &d));
+        }
+    }
+
     op.drains.get_mut("c0").expect("drain").mode = DrainMode::Hard;
     let t = table(&c, &m, &op);
     assert_eq!(ids(&t, &steer(&t, &sticky, NOW))[0], "c1");

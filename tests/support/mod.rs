@@ -6,7 +6,6 @@
 use std::{
     io::{BufRead, BufReader},
     net::{SocketAddr, TcpListener},
-    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
@@ -51,9 +50,23 @@ impl CellPorts {
     }
 }
 
+/// A sim cell on ports the OS picks (no race with other tests).
 pub async fn start_cell(id: &str) -> (SimCell, CellPorts) {
-    let ports = CellPorts::new();
-    (SimCell::start(ports.options(id)).await.expect("sim cell"), ports)
+    let cell = SimCell::start(SimCellOptions {
+        id: id.into(),
+        listen: addr(0),
+        control_listen: addr(0),
+        tcp_listen: Some(addr(0)),
+    })
+    .await
+    .expect("sim cell");
+    let a = cell.addrs();
+    let ports = CellPorts {
+        http: a.listen.port(),
+        control: a.control_listen.port(),
+        tcp: a.tcp_listen.map_or(0, |t| t.port()),
+    };
+    (cell, ports)
 }
 
 /// POSTs to a sim cell's control API.
@@ -75,40 +88,68 @@ pub struct Access {
     pub retries: u64,
 }
 
+/// The admin token tests use.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
 /// `cellgate run` as a child process, logging JSON to a buffer.
 pub struct Edge {
     child: Child,
     pub http: u16,
+    pub admin: u16,
+    pub dns: u16,
     pub dir: tempfile::TempDir,
     pub log: Arc<Mutex<Vec<String>>>,
+    env: Vec<(String, String)>,
 }
 
 impl Edge {
-    /// Writes `config` (with `{http}` replaced by the listener port) and
-    /// starts the edge; returns once it accepts connections.
+    /// Writes `config` (with `{http}`, `{admin}`, `{dns}` replaced by free
+    /// ports and `{dir}` by its temp dir) and starts the edge; returns once
+    /// it accepts connections.
     pub fn start(config: &str) -> Edge {
         Self::start_with(config, &[])
     }
 
     pub fn start_with(config: &str, env: &[(&str, &str)]) -> Edge {
         let dir = tempfile::tempdir().expect("tempdir");
-        let http = free_port();
+        let (http, admin, dns) = (free_port(), free_port(), free_port());
         let text = config
             .replace("{http}", &http.to_string())
+            .replace("{admin}", &admin.to_string())
+            .replace("{dns}", &dns.to_string())
             .replace("{dir}", &dir.path().display().to_string());
-        let path: PathBuf = dir.path().join("edge.toml");
-        std::fs::write(&path, text).expect("write config");
+        std::fs::write(dir.path().join("edge.toml"), text).expect("write config");
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let child = Self::spawn(&dir.path().join("edge.toml"), &env, &[], &log);
+        let mut edge = Edge {
+            child,
+            http,
+            admin,
+            dns,
+            dir,
+            log,
+            env,
+        };
+        if let Some(status) = edge.wait_ready() {
+            panic!("cellgate exited with {status}:\n{}", edge.log_text());
+        }
+        edge
+    }
+
+    fn spawn(path: &std::path::Path, env: &[(String, String)], args: &[&str], log: &Arc<Mutex<Vec<String>>>) -> Child {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cellgate"));
         cmd.args(["--log-format", "json", "run", "--config"])
-            .arg(&path)
+            .arg(path)
+            .args(args)
             .env("RUST_LOG", "info,pingora_core=error,pingora_proxy=error")
+            .env("CELLGATE_TEST_ADMIN_TOKEN", ADMIN_TOKEN)
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("spawn cellgate");
-        let log = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().expect("stderr");
         let sink = log.clone();
         std::thread::spawn(move || {
@@ -116,26 +157,44 @@ impl Edge {
                 sink.lock().expect("log").push(line);
             }
         });
+        child
+    }
+
+    /// Waits until the proxy accepts; returns the exit status if the
+    /// process stopped instead.
+    fn wait_ready(&mut self) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(addr(http)).is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "cellgate exited with {status}:\n{}",
-                    log.lock().expect("log").join("\n")
-                );
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
             }
-            assert!(
-                Instant::now() < deadline,
-                "edge did not start:\n{}",
-                log.lock().expect("log").join("\n")
-            );
+            if std::net::TcpStream::connect(addr(self.http)).is_ok() {
+                return None;
+            }
+            assert!(Instant::now() < deadline, "edge did not start:\n{}", self.log_text());
             std::thread::sleep(Duration::from_millis(20));
         }
-        Edge { child, http, dir, log }
+    }
+
+    /// Kills the process and starts it again on the same files and ports.
+    /// Returns the exit status if the new process stops at once.
+    pub fn restart(&mut self, args: &[&str]) -> Option<std::process::ExitStatus> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(&self.dir.path().join("edge.toml"), &self.env, args, &self.log);
+        self.wait_ready()
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.http)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin)
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().expect("log").join("\n")
     }
 
     pub fn pid(&self) -> u32 {
