@@ -87,6 +87,8 @@ Try:
   # make a cell slow or loaded
   curl -s -XPOST 'http://127.0.0.1:19082/latency?ms=200'
   curl -s -XPOST 'http://127.0.0.1:19083/load?value=0.95'
+  # plain TCP (L4): prints the cell id, then echoes
+  nc 127.0.0.1 9000
   # DNS: geo answers by EDNS Client Subnet
   kdig @127.0.0.1 -p 5353 +subnet=203.0.113.7/24 app.demo.test A
   kdig @127.0.0.1 -p 5353 +subnet=198.51.100.7/24 app.demo.test A

@@ -184,7 +184,7 @@ pub fn run(config: Arc<Config>, opts: RunOptions) -> anyhow::Result<()> {
                 return;
             };
             while hup.recv().await.is_some() {
-                match admin.reload() {
+                match admin.reload().await {
                     Ok(report) => tracing::info!(%report, "SIGHUP: config reloaded"),
                     Err(problems) => {
                         tracing::error!(?problems, "SIGHUP: invalid config; still serving the previous one")
@@ -218,9 +218,43 @@ pub fn run(config: Arc<Config>, opts: RunOptions) -> anyhow::Result<()> {
         }
         None => None,
     };
-    if !config.listeners.tcp.is_empty() {
-        tracing::warn!("listeners.tcp is configured but this build does not serve L4 yet");
-    }
+    // L4 listeners on a runtime of their own, as many threads as the proxy.
+    let l4_runtime = if config.listeners.tcp.is_empty() && config.listeners.tls_passthrough.is_empty() {
+        None
+    } else {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.proxy.threads)
+            .thread_name("cellgate-l4")
+            .enable_all()
+            .build()
+            .context("starting the L4 runtime")?;
+        let l4 = Arc::new(cellgate_proxy::L4Proxy {
+            tables: health.tables(),
+            passive: health.passive(),
+            traffic: health.traffic(),
+            settings: config.proxy.clone(),
+        });
+        let mut bindings: Vec<(std::net::SocketAddr, cellgate_proxy::Binding)> = config
+            .listeners
+            .tcp
+            .iter()
+            .map(|t| (t.addr, cellgate_proxy::Binding::Service(t.service.clone())))
+            .collect();
+        bindings.extend(
+            config
+                .listeners
+                .tls_passthrough
+                .iter()
+                .map(|a| (*a, cellgate_proxy::Binding::Sni)),
+        );
+        for (addr, binding) in bindings {
+            let (local, _) = rt
+                .block_on(cellgate_proxy::l4::serve(addr, binding.clone(), l4.clone()))
+                .with_context(|| format!("l4 listener {addr}"))?;
+            tracing::info!(%local, ?binding, "l4 serving");
+        }
+        Some(rt)
+    };
     if services.is_empty() {
         tracing::warn!("the config names no http or https listener: only health checks run");
     }
@@ -242,6 +276,9 @@ pub fn run(config: Arc<Config>, opts: RunOptions) -> anyhow::Result<()> {
     tracing::info!("edge node stopped");
     if let Some(dns) = dns {
         control.block_on(dns.shutdown());
+    }
+    if let Some(rt) = l4_runtime {
+        rt.shutdown_timeout(Duration::from_secs(1));
     }
     drop(admin);
     drop(health);

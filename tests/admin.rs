@@ -385,10 +385,16 @@ async fn soft_drain_keeps_sticky_sessions_until_the_deadline_and_hard_drain_move
         "eu",
         "the sticky session stays"
     );
-    let sticky_seen = cell_json(&edge, "eu").await["traffic"]["sticky_requests_10m"]
+    // Counted when the request is logged, just after its response.
+    let t0 = Instant::now();
+    while cell_json(&edge, "eu").await["traffic"]["sticky_requests_10m"]
         .as_u64()
-        .expect("n");
-    assert!(sticky_seen >= 1);
+        .unwrap_or(0)
+        < 1
+    {
+        assert!(t0.elapsed() < Duration::from_secs(2), "sticky request never counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     tokio::time::sleep(Duration::from_millis(2200)).await;
     assert_eq!(
         served_by(&sticky, &edge, "app.test", &[]).await,

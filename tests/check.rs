@@ -18,7 +18,7 @@ fn demo_config_checks_ok() {
         .expect("run cellgate");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("ok: 3 cells, 2 services, 3 listeners"), "{stdout}");
+    assert!(stdout.contains("ok: 3 cells, 3 services, 4 listeners"), "{stdout}");
 }
 
 #[test]

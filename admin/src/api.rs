@@ -242,7 +242,8 @@ async fn commit(a: &Admin, op: OperatorState, who: &str, call: &str, args: &Valu
             format!("cannot persist operator state: {e}"),
         ));
     }
-    a.health.set_operator(op);
+    // Return only once the table with the change is live.
+    a.health.apply_operator(op).await;
     a.audit(who, call, args, "ok");
     Ok(())
 }
@@ -684,7 +685,7 @@ async fn explain(State(a): Shared, Query(q): Query<ExplainQuery>) -> ApiResult {
 
 async fn reload(State(a): Shared, headers: HeaderMap) -> ApiResult {
     let who = authorize(&a, &headers)?;
-    match a.reload() {
+    match a.reload().await {
         Ok(report) => {
             a.audit(&who, "reload", &json!({}), "ok");
             Ok(Json(report))
@@ -705,7 +706,7 @@ impl Admin {
     /// (health history of unchanged cells kept) and returns what needs a
     /// restart to take effect; on failure keeps serving the old config and
     /// returns the same messages `cellgate check` prints.
-    pub fn reload(&self) -> Result<Value, Vec<String>> {
+    pub async fn reload(&self) -> Result<Value, Vec<String>> {
         let Some(path) = &self.config_path else {
             return Err(vec![
                 "this edge runs a built-in config (the demo): nothing to re-read".into()
@@ -748,7 +749,7 @@ impl Admin {
             Ok(t) => self.tokens.store(Arc::new(t)),
             Err(e) => warnings.push(format!("{e}: kept the previous admin tokens")),
         }
-        self.health.reload(new.clone());
+        self.health.apply_reload(new.clone()).await;
         self.config.store(new.clone());
         metrics::counter!("cellgate_config_reloads_total", "result" => "ok").increment(1);
         tracing::info!(

@@ -284,6 +284,13 @@ impl Validator {
             max_retries: max_retries.min(7),
             retry_budget: self.fraction("proxy.retry_budget", raw.retry_budget, d.retry_budget),
             grace_period: self.duration("proxy.grace_period", raw.grace_period.as_ref(), d.grace_period),
+            max_connections: raw.max_connections.map_or(d.max_connections, |n| n.max(1) as usize),
+            l4_idle_timeout: self.duration("proxy.l4_idle_timeout", raw.l4_idle_timeout.as_ref(), d.l4_idle_timeout),
+            client_hello_timeout: self.duration(
+                "proxy.client_hello_timeout",
+                raw.client_hello_timeout.as_ref(),
+                d.client_hello_timeout,
+            ),
         }
     }
 
@@ -753,6 +760,7 @@ impl Validator {
                 dns_ttl,
                 dns_degraded_ttl,
                 dns_answers,
+                proxy_protocol: s.proxy_protocol,
             });
         }
         services
@@ -770,7 +778,13 @@ impl Validator {
             dns: raw.dns.as_ref().and_then(|a| self.socket_addr("listeners.dns", a)),
             admin: raw.admin.as_ref().and_then(|a| self.socket_addr("listeners.admin", a)),
             tcp: Vec::new(),
+            tls_passthrough: Vec::new(),
         };
+        for (i, a) in raw.tls_passthrough.iter().enumerate() {
+            if let Some(addr) = self.socket_addr(&format!("listeners.tls_passthrough[{i}]"), a) {
+                l.tls_passthrough.push(addr);
+            }
+        }
         for (i, t) in raw.tcp.iter().enumerate() {
             let key = format!("listeners.tcp[{i}]");
             let addr = self.socket_addr(&format!("{key}.listen"), &t.listen);
@@ -795,6 +809,10 @@ impl Validator {
         tcp_addrs.extend(l.dns.map(|a| ("listeners.dns", a)));
         let tcp_keys: Vec<String> = (0..l.tcp.len()).map(|i| format!("listeners.tcp[{i}].listen")).collect();
         tcp_addrs.extend(tcp_keys.iter().zip(&l.tcp).map(|(k, t)| (k.as_str(), t.addr)));
+        let tls_keys: Vec<String> = (0..l.tls_passthrough.len())
+            .map(|i| format!("listeners.tls_passthrough[{i}]"))
+            .collect();
+        tcp_addrs.extend(tls_keys.iter().zip(&l.tls_passthrough).map(|(k, a)| (k.as_str(), *a)));
         let mut clashes = Vec::new();
         for (i, (ka, a)) in tcp_addrs.iter().enumerate() {
             if let Some((kb, _)) = tcp_addrs[..i].iter().find(|(_, b)| b == a) {

@@ -136,6 +136,7 @@ impl Config {
             + usize::from(l.dns.is_some())
             + usize::from(l.admin.is_some())
             + l.tcp.len()
+            + l.tls_passthrough.len()
     }
 }
 
@@ -153,6 +154,9 @@ pub struct Listeners {
     pub dns: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub tcp: Vec<TcpListener>,
+    /// TLS passthrough listeners: the SNI of the ClientHello picks the
+    /// service (by its `hosts`); the TLS session is the cell's, not ours.
+    pub tls_passthrough: Vec<SocketAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -345,6 +349,9 @@ pub struct Service {
     pub dns_degraded_ttl: Duration,
     /// How many cells a DNS answer names (1 = primary only).
     pub dns_answers: usize,
+    /// L4: send a PROXY protocol v2 header upstream so the cell sees the
+    /// client's address.
+    pub proxy_protocol: bool,
 }
 
 impl Service {
@@ -443,6 +450,12 @@ pub struct ProxySettings {
     /// On SIGTERM: stop accepting, and let in-flight requests finish for
     /// this long.
     pub grace_period: Duration,
+    /// L4: connections open at once per listener; more are closed.
+    pub max_connections: usize,
+    /// L4: a connection with no bytes either way for this long is closed.
+    pub l4_idle_timeout: Duration,
+    /// L4 passthrough: how long a client may take to send its ClientHello.
+    pub client_hello_timeout: Duration,
 }
 
 impl Default for ProxySettings {
@@ -456,6 +469,9 @@ impl Default for ProxySettings {
             max_retries: 2,
             retry_budget: 0.2,
             grace_period: Duration::from_secs(5),
+            max_connections: 10_000,
+            l4_idle_timeout: Duration::from_secs(300),
+            client_hello_timeout: Duration::from_secs(5),
         }
     }
 }

@@ -93,6 +93,9 @@ pub(crate) struct RawProxy {
     pub max_retries: Option<u32>,
     pub retry_budget: Option<f64>,
     pub grace_period: Option<String>,
+    pub max_connections: Option<u32>,
+    pub l4_idle_timeout: Option<String>,
+    pub client_hello_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -135,6 +138,8 @@ pub(crate) struct RawListeners {
     pub admin: Option<String>,
     #[serde(default)]
     pub tcp: Vec<RawTcpListener>,
+    #[serde(default)]
+    pub tls_passthrough: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -259,6 +264,8 @@ pub(crate) struct RawService {
     pub dns_ttl: Option<String>,
     pub dns_degraded_ttl: Option<String>,
     pub dns_answers: Option<i64>,
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 #[derive(Deserialize)]

@@ -61,29 +61,41 @@ impl DnsServer {
         tables: Arc<ArcSwap<RoutingTable>>,
         traffic: cellgate_health::TrafficStats,
     ) -> Result<Self, Error> {
-        let udp = tokio::net::UdpSocket::bind(addr).await.map_err(|source| Error::Bind {
-            addr,
-            proto: "udp",
-            source,
-        })?;
-        // TCP on the port UDP got, so both share one port when 0 was asked.
-        let udp_addr = udp.local_addr().map_err(|source| Error::Bind {
-            addr,
-            proto: "udp",
-            source,
-        })?;
-        let tcp = tokio::net::TcpListener::bind(udp_addr)
-            .await
-            .map_err(|source| Error::Bind {
-                addr: udp_addr,
-                proto: "tcp",
+        // With port 0, UDP picks the port and TCP must get the same
+        // number, which another socket may hold: try a few pairs.
+        let attempts = if addr.port() == 0 { 8 } else { 1 };
+        let mut tries = 0;
+        let (udp, tcp, udp_addr, tcp_addr) = loop {
+            tries += 1;
+            let udp = tokio::net::UdpSocket::bind(addr).await.map_err(|source| Error::Bind {
+                addr,
+                proto: "udp",
                 source,
             })?;
-        let tcp_addr = tcp.local_addr().map_err(|source| Error::Bind {
-            addr,
-            proto: "tcp",
-            source,
-        })?;
+            let udp_addr = udp.local_addr().map_err(|source| Error::Bind {
+                addr,
+                proto: "udp",
+                source,
+            })?;
+            match tokio::net::TcpListener::bind(udp_addr).await {
+                Ok(tcp) => {
+                    let tcp_addr = tcp.local_addr().map_err(|source| Error::Bind {
+                        addr,
+                        proto: "tcp",
+                        source,
+                    })?;
+                    break (udp, tcp, udp_addr, tcp_addr);
+                }
+                Err(_) if tries < attempts => continue,
+                Err(source) => {
+                    return Err(Error::Bind {
+                        addr: udp_addr,
+                        proto: "tcp",
+                        source,
+                    })
+                }
+            }
+        };
         let mut server = hickory_server::Server::new(CellDns::new(tables, traffic));
         server.register_socket(udp);
         server.register_listener(tcp, TCP_IDLE, 64);

@@ -40,8 +40,9 @@ pub(crate) enum Event {
         outcome: ProbeOutcome,
     },
     Eject(SocketAddr),
-    Operator(OperatorState),
-    Reload(Arc<Config>),
+    /// Published at once; the sender, if any, hears when.
+    Operator(OperatorState, Option<tokio::sync::oneshot::Sender<u64>>),
+    Reload(Arc<Config>, Option<tokio::sync::oneshot::Sender<u64>>),
 }
 
 /// A running health subsystem: probers plus the publisher.
@@ -144,13 +145,29 @@ impl Health {
 
     /// Replaces the operator state (drains, weights, pins); published at once.
     pub fn set_operator(&self, operator: OperatorState) {
-        let _ = self.tx.send(Event::Operator(operator));
+        let _ = self.tx.send(Event::Operator(operator, None));
+    }
+
+    /// Like [`Health::set_operator`], returning once a table with the new
+    /// state is published (its generation), so a caller that returns after
+    /// it knows every new request already sees it.
+    pub async fn apply_operator(&self, operator: OperatorState) -> Option<u64> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx.send(Event::Operator(operator, Some(tx))).ok()?;
+        rx.await.ok()
     }
 
     /// Switches to a new, already validated config. Cells whose endpoints
     /// and checks are unchanged keep their health history.
     pub fn reload(&self, config: Arc<Config>) {
-        let _ = self.tx.send(Event::Reload(config));
+        let _ = self.tx.send(Event::Reload(config, None));
+    }
+
+    /// Like [`Health::reload`], returning once the new table is published.
+    pub async fn apply_reload(&self, config: Arc<Config>) -> Option<u64> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx.send(Event::Reload(config, Some(tx))).ok()?;
+        rx.await.ok()
     }
 }
 
@@ -301,15 +318,16 @@ impl Publisher {
         let mut tick = tokio::time::interval(self.config.publish.refresh.min(WINDOW_ROTATION));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pending = Change::None;
+        let mut acks: Vec<tokio::sync::oneshot::Sender<u64>> = Vec::new();
         loop {
             let next_expiry = self.next_ejection_expiry();
             tokio::select! {
                 ev = rx.recv() => {
                     let Some(ev) = ev else { return };
-                    pending = pending.max(self.apply(ev));
+                    pending = pending.max(self.apply(ev, &mut acks));
                     // Take everything already queued before rebuilding once.
                     while let Ok(ev) = rx.try_recv() {
-                        pending = pending.max(self.apply(ev));
+                        pending = pending.max(self.apply(ev, &mut acks));
                     }
                 }
                 _ = tick.tick() => {
@@ -333,13 +351,16 @@ impl Publisher {
                 Change::None => false,
             };
             if due {
-                self.publish();
+                let generation = self.publish();
                 pending = Change::None;
+                for ack in acks.drain(..) {
+                    let _ = ack.send(generation);
+                }
             }
         }
     }
 
-    fn apply(&mut self, ev: Event) -> Change {
+    fn apply(&mut self, ev: Event, acks: &mut Vec<tokio::sync::oneshot::Sender<u64>>) -> Change {
         match ev {
             Event::Probe {
                 epoch,
@@ -353,12 +374,14 @@ impl Publisher {
                 self.apply_probe(cell, endpoint, outcome)
             }
             Event::Eject(addr) => self.eject(addr),
-            Event::Operator(op) => {
+            Event::Operator(op, ack) => {
                 self.operator = op;
+                acks.extend(ack);
                 Change::Now
             }
-            Event::Reload(config) => {
+            Event::Reload(config, ack) => {
                 self.apply_config(config);
+                acks.extend(ack);
                 Change::Now
             }
         }
@@ -521,7 +544,7 @@ impl Publisher {
         }
     }
 
-    fn publish(&mut self) {
+    fn publish(&mut self) -> u64 {
         let mut m = Measurements::default();
         for c in &self.cells {
             m.cells.insert(c.id.clone(), c.measurement());
@@ -582,6 +605,7 @@ impl Publisher {
         self.table.store(Arc::new(table));
         self.last_publish = Instant::now();
         let _ = self.generation.send(generation);
+        generation
     }
 }
 

@@ -15,6 +15,8 @@
 
 mod budget;
 mod http;
+pub mod l4;
+mod sni;
 
 use std::sync::Arc;
 
@@ -29,6 +31,7 @@ use pingora::{
 
 pub use budget::RetryBudget;
 pub use http::{CellProxy, RequestCtx, CELL_HEADER};
+pub use l4::{Binding, L4Proxy};
 
 /// Why the proxy could not be set up.
 #[derive(Debug, thiserror::Error)]

@@ -111,6 +111,19 @@ impl Edge {
     }
 
     pub fn start_with(config: &str, env: &[(&str, &str)]) -> Edge {
+        // free_port() releases the port before cellgate binds it, and a
+        // parallel test may take it meanwhile: try again on fresh ports.
+        let mut last = String::new();
+        for _ in 0..5 {
+            match Self::try_start(config, env) {
+                Ok(edge) => return edge,
+                Err(log) => last = log,
+            }
+        }
+        panic!("edge did not start:\n{last}");
+    }
+
+    fn try_start(config: &str, env: &[(&str, &str)]) -> Result<Edge, String> {
         let dir = tempfile::tempdir().expect("tempdir");
         let (http, admin, dns) = (free_port(), free_port(), free_port());
         let text = config
@@ -131,10 +144,10 @@ impl Edge {
             log,
             env,
         };
-        if let Some(status) = edge.wait_ready() {
-            panic!("cellgate exited with {status}:\n{}", edge.log_text());
+        match edge.wait_ready() {
+            None => Ok(edge),
+            Some(status) => Err(format!("cellgate exited with {status}:\n{}", edge.log_text())),
         }
-        edge
     }
 
     fn spawn(path: &std::path::Path, env: &[(String, String)], args: &[&str], log: &Arc<Mutex<Vec<String>>>) -> Child {
@@ -160,15 +173,16 @@ impl Edge {
         child
     }
 
-    /// Waits until the proxy accepts; returns the exit status if the
-    /// process stopped instead.
+    /// Waits until the proxy answers (and it is cellgate answering, not
+    /// another test's server on a recycled port); returns the exit status
+    /// if the process stopped instead.
     fn wait_ready(&mut self) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Some(status);
             }
-            if std::net::TcpStream::connect(addr(self.http)).is_ok() {
+            if is_cellgate(self.http) {
                 return None;
             }
             assert!(Instant::now() < deadline, "edge did not start:\n{}", self.log_text());
@@ -297,4 +311,23 @@ pub async fn get(
         .to_owned();
     let body = resp.json().await.unwrap_or(serde_json::Value::Null);
     Ok((status, cell, body))
+}
+
+/// Whether the HTTP server on `port` is a cellgate edge: an unknown host
+/// gets pingora's 404.
+fn is_cellgate(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr(port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET / HTTP/1.1\r\nHost: readiness.invalid\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    text.starts_with("http/1.1 404") && text.contains("server: pingora")
 }
