@@ -11,7 +11,7 @@ use axum::{
     Json, Router,
 };
 use cellgate_config::{CellId, Config, Policy, ServiceName};
-use cellgate_health::{now_secs, TrafficStats};
+use cellgate_health::{now, now_secs, TrafficStats};
 use cellgate_routing::{
     steer, CellIdx, CellState, Client, Decision, Drain, DrainMode, Health, Measurements, OperatorState, Outcome,
     RouteQuery, RoutingTable, ServiceIdx, Timestamp,
@@ -68,14 +68,6 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/api/v1/reload", post(reload))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(admin)
-}
-
-fn now() -> Timestamp {
-    Timestamp::from_unix_millis(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
-    )
 }
 
 /// The name of the token that authorises this call. Every token is
@@ -607,7 +599,10 @@ async fn explain(State(a): Shared, Query(q): Query<ExplainQuery>) -> ApiResult {
                 .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, format!("client `{c}` is not an IP address")))?,
         ),
     };
-    let located = ip.and_then(|ip| t.locate(ip));
+    let (client, located) = match ip {
+        Some(ip) => t.client(ip),
+        None => (Client::default(), None),
+    };
     let now = now();
     let (sticky_cell, sticky_note) = match (&q.sticky, &a.sticky) {
         (None, _) => (None, Value::Null),
@@ -622,11 +617,7 @@ async fn explain(State(a): Shared, Query(q): Query<ExplainQuery>) -> ApiResult {
     };
     let query = RouteQuery {
         service: svc,
-        client: Client {
-            addr: ip,
-            location: located.map(|l| l.location),
-            country: located.map(|l| l.country),
-        },
+        client,
         shard_key: q.key.as_deref(),
         sticky_cell: sticky_cell.as_deref(),
         seed: 0,

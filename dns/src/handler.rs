@@ -1,15 +1,11 @@
 //! The request handler: authoritative answers from the shared routing table.
 
-use std::{
-    net::IpAddr,
-    sync::Arc,
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::{net::IpAddr, sync::Arc};
 
 use arc_swap::ArcSwap;
 use cellgate_config::Policy;
-use cellgate_health::TrafficStats;
-use cellgate_routing::{hash, steer, CellState, Client, Outcome, RouteQuery, RoutingTable, Timestamp};
+use cellgate_health::{now, TrafficStats};
+use cellgate_routing::{hash, steer, CellState, Outcome, RouteQuery, RoutingTable};
 use hickory_proto::{
     op::{Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode},
     rr::{
@@ -51,14 +47,6 @@ pub struct Answer {
     pub answers: Vec<Record>,
     pub authorities: Vec<Record>,
     pub edns: Option<Edns>,
-}
-
-fn now() -> Timestamp {
-    Timestamp::from_unix_millis(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
-    )
 }
 
 fn truncate(ip: IpAddr, prefix: u8) -> IpAddr {
@@ -196,7 +184,7 @@ impl CellDns {
                 (ip, if ip.is_ipv4() { 32 } else { 128 })
             }
         };
-        let located = table.locate(ip);
+        let (client, located) = table.client(ip);
         let weighted_prefix = if ip.is_ipv4() {
             WEIGHTED_V4_PREFIX
         } else {
@@ -208,11 +196,7 @@ impl CellDns {
         };
         let query = RouteQuery {
             service: svc,
-            client: Client {
-                addr: Some(ip),
-                location: located.map(|l| l.location),
-                country: located.map(|l| l.country),
-            },
+            client,
             shard_key: None,
             sticky_cell: None,
             seed,

@@ -24,4 +24,4 @@ pub use latency::{Ewma, RttWindow};
 pub use passive::{InflightGuard, PassiveReporter, UpstreamOutcome};
 pub use probe::{parse_load, NetworkProbe, Probe, ProbeFuture, ProbeOutcome, ProbeTarget};
 pub use publisher::{Health, JITTER};
-pub use traffic::{now_secs, CellTraffic, RollingCounter, TrafficStats};
+pub use traffic::{now, now_secs, CellTraffic, RollingCounter, TrafficStats};

@@ -101,6 +101,15 @@ pub fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// Wall-clock "now" for `routing::steer` (drain deadlines, sticky expiry).
+pub fn now() -> cellgate_routing::Timestamp {
+    cellgate_routing::Timestamp::from_unix_millis(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    )
+}
+
 impl TrafficStats {
     pub fn new(config: &Config) -> Self {
         let s = Self::default();

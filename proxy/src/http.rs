@@ -3,14 +3,14 @@
 use std::{
     net::{IpAddr, SocketAddr},
     sync::Arc,
-    time::{Instant, SystemTime, UNIX_EPOCH},
+    time::Instant,
 };
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use cellgate_config::{ProxySettings, ShardKeySource};
-use cellgate_health::{InflightGuard, PassiveReporter, TrafficStats, UpstreamOutcome};
-use cellgate_routing::{steer, Client, Decision, Outcome, RouteQuery, RoutingTable, ServiceIdx, StickyKey, Timestamp};
+use cellgate_health::{now, InflightGuard, PassiveReporter, TrafficStats, UpstreamOutcome};
+use cellgate_routing::{steer, Decision, Outcome, RouteQuery, RoutingTable, ServiceIdx, StickyKey, Timestamp};
 use pingora::{
     http::{RequestHeader, ResponseHeader},
     prelude::*,
@@ -91,13 +91,6 @@ impl RequestCtx {
     }
 }
 
-fn now() -> Timestamp {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    Timestamp::from_unix_millis(ms)
-}
-
 fn http_error(status: u16, why: String) -> Box<Error> {
     Error::explain(ErrorType::HTTPStatus(status), why)
 }
@@ -153,7 +146,7 @@ impl CellProxy {
         let now = now();
         let client_ip = self.client_ip(session);
         ctx.client_ip = client_ip;
-        let located = client_ip.and_then(|ip| table.locate(ip));
+
         let cookies = session
             .get_header(http::header::COOKIE)
             .and_then(|v| v.to_str().ok())
@@ -183,11 +176,7 @@ impl CellProxy {
         }
         let query = RouteQuery {
             service: svc,
-            client: Client {
-                addr: client_ip,
-                location: located.map(|l| l.location),
-                country: located.map(|l| l.country),
-            },
+            client: client_ip.map(|ip| table.client(ip).0).unwrap_or_default(),
             shard_key,
             sticky_cell: ctx.sticky_cell.as_deref(),
             seed: rand::rng().random(),

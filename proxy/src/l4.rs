@@ -5,13 +5,13 @@
 use std::{
     net::{IpAddr, SocketAddr},
     sync::Arc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
 use cellgate_config::{ProxySettings, ServiceName, ShardKeySource};
-use cellgate_health::{PassiveReporter, TrafficStats, UpstreamOutcome};
-use cellgate_routing::{steer, CellState, Client, DrainMode, RouteQuery, RoutingTable, Timestamp};
+use cellgate_health::{now, PassiveReporter, TrafficStats, UpstreamOutcome};
+use cellgate_routing::{steer, CellState, DrainMode, RouteQuery, RoutingTable};
 use rand::Rng;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -38,14 +38,6 @@ pub struct L4Proxy {
     pub passive: PassiveReporter,
     pub traffic: TrafficStats,
     pub settings: ProxySettings,
-}
-
-fn now() -> Timestamp {
-    Timestamp::from_unix_millis(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
-    )
 }
 
 fn reject(reason: &'static str, peer: SocketAddr) {
@@ -118,7 +110,6 @@ impl L4Proxy {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
             v4 => v4,
         };
-        let located = table.locate(ip);
         let addr_key = ip.to_string();
         let shard_key = match &spec.shard_key {
             Some(ShardKeySource::Sni) => sni.as_deref(),
@@ -127,11 +118,7 @@ impl L4Proxy {
         };
         let query = RouteQuery {
             service: svc,
-            client: Client {
-                addr: Some(ip),
-                location: located.map(|l| l.location),
-                country: located.map(|l| l.country),
-            },
+            client: table.client(ip).0,
             shard_key,
             sticky_cell: None,
             seed: rand::rng().random(),

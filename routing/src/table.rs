@@ -515,6 +515,19 @@ impl RoutingTable {
         })
     }
 
+    /// The routing view of a client at `ip`: its address and, when a geo
+    /// source knows it, its location and country (else it stands at the
+    /// edge). Also returns the match, for the ECS scope and `explain`.
+    pub fn client(&self, ip: std::net::IpAddr) -> (crate::Client, Option<Located>) {
+        let located = self.locate(ip);
+        let client = crate::Client {
+            addr: Some(ip),
+            location: located.map(|l| l.location),
+            country: located.map(|l| l.country),
+        };
+        (client, located)
+    }
+
     /// Number of pins in force.
     pub fn pin_count(&self) -> usize {
         self.operator_pins.len() + self.config_pins.len()
