@@ -14,21 +14,7 @@ use std::{
 use serde_json::{json, Value};
 use support::*;
 
-struct Topo {
-    cells: Vec<(cellgate::sim_cell::SimCell, CellPorts)>,
-}
-
 impl Topo {
-    async fn start() -> Self {
-        let mut cells = Vec::new();
-        for id in ["eu", "us", "ap"] {
-            cells.push(start_cell(id).await);
-        }
-        Self { cells }
-    }
-    fn ports(&self, i: usize) -> CellPorts {
-        self.cells[i].1
-    }
     fn config(&self) -> String {
         let head = EDGE_HEAD.replace(
             "[listeners]\nhttp = \"127.0.0.1:{http}\"\n",

@@ -48,21 +48,7 @@ cell = "us"
 "#
 }
 
-struct Topo {
-    cells: Vec<(cellgate::sim_cell::SimCell, CellPorts)>,
-}
-
 impl Topo {
-    async fn start() -> Self {
-        let mut cells = Vec::new();
-        for id in ["eu", "us", "ap"] {
-            cells.push(start_cell(id).await);
-        }
-        Self { cells }
-    }
-    fn ports(&self, i: usize) -> CellPorts {
-        self.cells[i].1
-    }
     fn config(&self, extra: &str) -> String {
         format!(
             "{EDGE_HEAD}\n{extra}\n{}{}{}{}",

@@ -331,3 +331,22 @@ fn is_cellgate(port: u16) -> bool {
     let text = String::from_utf8_lossy(&buf).to_ascii_lowercase();
     text.starts_with("http/1.1 404") && text.contains("server: pingora")
 }
+
+/// Three in-process sim cells, `eu`, `us` and `ap`, on OS-picked ports.
+pub struct Topo {
+    pub cells: Vec<(SimCell, CellPorts)>,
+}
+
+impl Topo {
+    pub async fn start() -> Self {
+        let mut cells = Vec::new();
+        for id in ["eu", "us", "ap"] {
+            cells.push(start_cell(id).await);
+        }
+        Self { cells }
+    }
+
+    pub fn ports(&self, i: usize) -> CellPorts {
+        self.cells[i].1
+    }
+}
