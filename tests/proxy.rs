@@ -53,7 +53,7 @@ impl Topo {
         format!(
             "{EDGE_HEAD}\n{extra}\n{}{}{}{}",
             cell_toml("eu", "IE", 53.35, -6.26, self.ports(0)),
-            cell_toml("us", "US", 39.04, -77.49, self.ports(1)),
+            cell_toml("us", "US", 39.04, -77.49, self.ports(1)) + "http_host = \"us.internal:8080\"\n",
             cell_toml("ap", "IN", 19.08, 72.88, self.ports(2)),
             services()
         )
@@ -81,11 +81,15 @@ async fn policies_send_traffic_where_they_should() {
         assert_eq!(body["cell"], want, "the cell itself served it");
         assert_eq!(body["x_forwarded_for"], format!("{ip}, 127.0.0.1"));
         assert_eq!(body["x_forwarded_proto"], "http");
+        let want_host = if want == "us" { "us.internal:8080" } else { "app.test" };
+        assert_eq!(body["host"], want_host, "the Host the cell expects");
     }
     let (_, cell, _) = get(&c, &edge, "app.test", &[]).await.expect("get");
     assert_eq!(cell, "eu", "loopback client placed at the edge (Frankfurt)");
-    // failover: the first cell of the list.
+    // failover: the first cell of the list; `us` expects its own Host.
     assert_eq!(get(&c, &edge, "fo.test", &[]).await.expect("get").1, "eu");
+    let (_, _, body) = get(&c, &edge, "fo.test", &[]).await.expect("get");
+    assert_eq!(body["host"], "fo.test", "no override: the client's Host");
     // shard key: one home per tenant; a pin wins.
     let home = get(&c, &edge, "api.test", &[("x-tenant", "globex")])
         .await

@@ -535,8 +535,24 @@ impl Validator {
                     "an `http` health check needs `http` endpoints; use kind = \"tcp\"",
                 );
             }
+            let http_host = c.http_host.as_ref().and_then(|h| {
+                let name = h
+                    .rsplit_once(':')
+                    .filter(|(_, p)| p.parse::<u16>().is_ok())
+                    .map_or(h.as_str(), |(n, _)| n);
+                if dns_name(name).is_some() || name.parse::<std::net::IpAddr>().is_ok() {
+                    Some(h.clone())
+                } else {
+                    self.problem(
+                        format!("{key}.http_host"),
+                        format!("invalid host `{h}`: expected a name like \"app.internal\", optionally with :port"),
+                    );
+                    None
+                }
+            });
             cells.push(Cell {
                 id: CellId::new(&c.id),
+                http_host,
                 region: c.region.clone(),
                 location,
                 country,

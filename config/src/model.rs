@@ -195,6 +195,9 @@ pub struct Cell {
     /// Load (0, 1] above which new traffic spills to other cells.
     pub load_limit: f64,
     pub http: Vec<SocketAddr>,
+    /// The `Host` this cell expects on proxied requests; `None` passes the
+    /// client's on unchanged.
+    pub http_host: Option<String>,
     pub tcp: Vec<SocketAddr>,
     /// Addresses DNS answers with for this cell.
     pub dns_v4: Vec<Ipv4Addr>,

@@ -198,6 +198,7 @@ pub(crate) struct RawCell {
     pub load_limit: Option<f64>,
     #[serde(default)]
     pub http: Vec<String>,
+    pub http_host: Option<String>,
     #[serde(default)]
     pub tcp: Vec<String>,
     #[serde(default)]

@@ -153,6 +153,27 @@ fn invalid_socket_address() {
 }
 
 #[test]
+fn invalid_cell_host() {
+    let t = BASE.replace(
+        r#"http = ["127.0.0.1:18082"]"#,
+        "http = [\"127.0.0.1:18082\"]\nhttp_host = \"bad host!\"",
+    );
+    assert_error(&t, "cells[1].http_host", "invalid host `bad host!`");
+    let t = BASE.replace(
+        r#"http = ["127.0.0.1:18082"]"#,
+        "http = [\"127.0.0.1:18082\"]\nhttp_host = \"b.internal:8443\"",
+    );
+    assert_eq!(
+        parse_str(&t)
+            .expect("valid")
+            .cell("b")
+            .and_then(|c| c.http_host.clone())
+            .as_deref(),
+        Some("b.internal:8443")
+    );
+}
+
+#[test]
 fn invalid_duration() {
     let t = BASE.replace(r#"ttl = "30m""#, r#"ttl = "half an hour""#);
     assert_error(&t, "services[0].sticky.ttl", "invalid duration `half an hour`");

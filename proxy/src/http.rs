@@ -333,8 +333,14 @@ impl ProxyHttp for CellProxy {
             _ => (if self.tls { "https" } else { "http" }).to_owned(),
         };
         upstream.insert_header("x-forwarded-proto", proto)?;
-        if let Some(cell) = ctx.cell_id() {
-            upstream.insert_header("x-cellgate-cell", cell)?;
+        if let (Some(table), Some(d)) = (ctx.table.as_ref(), ctx.decision.as_ref()) {
+            if let Some(c) = d.candidates().get(ctx.attempt) {
+                upstream.insert_header("x-cellgate-cell", table.cell(c.cell).id.as_str())?;
+                // The Host this cell expects, when it differs from the public one.
+                if let Some(host) = &table.cell_spec(c.cell).http_host {
+                    upstream.insert_header(http::header::HOST, host.as_str())?;
+                }
+            }
         }
         Ok(())
     }
