@@ -177,11 +177,19 @@ policy = "failover"
         d.primary().map(|c| t.cell(c).id.to_string())
     };
     // Steady state first: on a loaded machine a first probe can time out.
+    // (Primary alone is not proof: with both cells down, `a` fails open.)
+    let both_up = |h: &Health| {
+        let t = h.table();
+        t.cells
+            .iter()
+            .all(|c| c.measurement.health == cellgate_routing::Health::Up)
+    };
     let t0 = Instant::now();
-    while primary(&h).as_deref() != Some("a") {
-        assert!(t0.elapsed() < Duration::from_secs(5), "cell a never came up");
+    while !both_up(&h) {
+        assert!(t0.elapsed() < Duration::from_secs(5), "cells never came up");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    assert_eq!(primary(&h).as_deref(), Some("a"));
     let t = h.table();
     assert_eq!(t.cell(t.cell_idx("a").expect("a")).measurement.load, Some(0.25));
 
