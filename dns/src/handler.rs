@@ -139,7 +139,7 @@ impl CellDns {
             a.authorities.push(zone.negative_soa.clone());
             return a;
         }
-        let apex = qname.len() == zone.origin.to_string().trim_end_matches('.').len();
+        let apex = qname == zone.origin_str;
         let service = table.service_by_dns_name(&qname);
         let qtype = q.query_type();
         let with_owner = |r: &Record| {

@@ -13,6 +13,8 @@ use hickory_proto::rr::{
 #[derive(Debug)]
 pub struct Zone {
     pub origin: Name,
+    /// The origin lower case, without the trailing dot.
+    pub origin_str: String,
     pub soa: Record,
     /// SOA for negative answers: TTL = min(SOA TTL, minimum) (RFC 2308).
     pub negative_soa: Record,
@@ -77,6 +79,7 @@ impl Zones {
                 z.origin.clone(),
                 Zone {
                     origin,
+                    origin_str: z.origin.clone(),
                     soa,
                     negative_soa,
                     ns,

@@ -205,10 +205,12 @@ impl CellProxy {
     /// as when failing open).
     fn endpoint(&self, table: &RoutingTable, decision: &Decision, i: usize) -> Option<SocketAddr> {
         let cell = decision.candidates().get(i)?.cell;
-        let m = &table.cell(cell).measurement;
-        let spec = table.cell_spec(cell);
-        let usable: Vec<SocketAddr> = m.endpoints.iter().filter(|e| e.usable()).map(|e| e.addr).collect();
-        let pool: &[SocketAddr] = if usable.is_empty() { &spec.http } else { &usable };
+        let usable = &table.cell(cell).usable_endpoints;
+        let pool: &[SocketAddr] = if usable.is_empty() {
+            &table.cell_spec(cell).http
+        } else {
+            usable
+        };
         match pool.len() {
             0 => None,
             1 => Some(pool[0]),

@@ -162,6 +162,9 @@ pub struct CellEntry {
     /// Capacity × operator weight.
     pub weight: f64,
     pub over_limit: bool,
+    /// Endpoints new requests may use (up and not ejected), computed once
+    /// per table so the request path only picks among them.
+    pub usable_endpoints: Vec<std::net::SocketAddr>,
     pub(crate) unit: Unit,
 }
 
@@ -312,6 +315,7 @@ impl RoutingTable {
                     id: c.id.clone(),
                     state,
                     over_limit: m.load.is_some_and(|l| l > c.load_limit),
+                    usable_endpoints: m.endpoints.iter().filter(|e| e.usable()).map(|e| e.addr).collect(),
                     measurement: m,
                     drain,
                     weight,
