@@ -6,7 +6,10 @@
 //! `tcp_listen` (writes the cell id and a newline, then echoes), and a
 //! control API on `control_listen` that changes its behaviour at run time:
 //! `POST /down`, `/up`, `/health-fail`, `/health-ok`, `/latency?ms=N`,
-//! `/load?value=F`, `/fail-rate?value=F`; `GET /stats`.
+//! `/load?value=F`, `/fail-rate?value=F`, `/blackhole` (keep accepting
+//! connections but answer no HTTP request, health checks included, until
+//! `/up`);
+//! `GET /stats`.
 
 use std::{
     convert::Infallible,
@@ -48,6 +51,7 @@ struct State {
     id: String,
     up: AtomicBool,
     health_fail: AtomicBool,
+    blackhole: AtomicBool,
     latency_ms: AtomicU64,
     load: AtomicU64,
     fail_rate: AtomicU64,
@@ -104,6 +108,7 @@ impl SimCell {
             opts: Mutex::new(opts),
             up: AtomicBool::new(false),
             health_fail: AtomicBool::new(false),
+            blackhole: AtomicBool::new(false),
             latency_ms: AtomicU64::new(0),
             load: AtomicU64::new(0.1f64.to_bits()),
             fail_rate: AtomicU64::new(0f64.to_bits()),
@@ -234,6 +239,11 @@ async fn echo(mut stream: TcpStream, id: String) {
 }
 
 async fn serve(s: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    // A blackholed cell holds every request until `/up` (or `/down`, which
+    // closes the connection under it).
+    while s.blackhole.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let latency = s.latency_ms.load(Ordering::Relaxed);
     if latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;
@@ -345,6 +355,7 @@ async fn control(s: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
                 "cell": s.id,
                 "up": s.up.load(Ordering::SeqCst),
                 "health_fail": s.health_fail.load(Ordering::Relaxed),
+                "blackhole": s.blackhole.load(Ordering::Relaxed),
                 "latency_ms": s.latency_ms.load(Ordering::Relaxed),
                 "load": State::f64(&s.load),
                 "fail_rate": State::f64(&s.fail_rate),
@@ -365,6 +376,7 @@ async fn control(s: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
         }
         "/up" => {
             s.health_fail.store(false, Ordering::Relaxed);
+            s.blackhole.store(false, Ordering::Relaxed);
             if !s.up.load(Ordering::SeqCst) {
                 if let Err(e) = start_serving(s).await {
                     return json(
@@ -374,6 +386,7 @@ async fn control(s: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
                 }
             }
         }
+        "/blackhole" => s.blackhole.store(true, Ordering::Relaxed),
         "/health-fail" => s.health_fail.store(true, Ordering::Relaxed),
         "/health-ok" => s.health_fail.store(false, Ordering::Relaxed),
         "/latency" => match query_f64(&req, "ms") {

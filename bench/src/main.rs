@@ -1,0 +1,103 @@
+//! `cellgate-bench`: the parts of the benchmark suite that need a program of
+//! their own rather than a peer's tool.
+//!
+//! * `scenarios`: fault scenarios under steady client load against
+//!   `cellgate run` in front of three `cellgate sim-cell` processes.
+//! * `idle`: opens many idle keep-alive connections through a proxy and
+//!   reports how much resident memory the proxy grew by.
+//!
+//! `bench/run` drives both. Everything stays on loopback, and every loop is
+//! bounded in count and in time.
+
+#![forbid(unsafe_code)]
+
+mod idle;
+mod load;
+mod scenarios;
+mod topo;
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fault scenarios against `cellgate run` with three sim cells; prints a Markdown table.
+    Scenarios {
+        /// The cellgate binary to run (edge and sim cells).
+        #[arg(long, default_value = "target/release/cellgate")]
+        cellgate: PathBuf,
+        /// Short durations (the flap and reload scenarios last 5 s instead of 60 s and 30 s).
+        #[arg(long)]
+        smoke: bool,
+        /// Run only these scenarios (comma separated): kill, blackhole, slow, flap, drain, reload.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Client request rate, in requests per second over all workers.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+    },
+    /// Opens idle keep-alive connections through a proxy and reports its resident memory.
+    Idle {
+        /// The proxy's listening address (loopback).
+        #[arg(long)]
+        addr: SocketAddr,
+        /// The Host header to send.
+        #[arg(long)]
+        host: String,
+        #[arg(long, default_value_t = 10_000)]
+        conns: usize,
+        /// Processes whose resident memory is summed (a master and its workers, say).
+        #[arg(long, required = true, value_delimiter = ',')]
+        pid: Vec<u32>,
+        /// How long the connections stay idle before memory is read again.
+        #[arg(long, default_value = "3s")]
+        hold: humantime::Duration,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Scenarios {
+                cellgate,
+                smoke,
+                only,
+                rate,
+            } => scenarios::run(&cellgate, smoke, &only, rate).await,
+            Command::Idle {
+                addr,
+                host,
+                conns,
+                pid,
+                hold,
+            } => idle::run(addr, &host, conns, &pid, Duration::from(hold)).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! The scenario topology: three `cellgate sim-cell` processes and one
+//! `cellgate run` edge in front of them, all on loopback ports picked by the
+//! kernel.
+
+use std::{
+    fmt::Write as _,
+    fs::File,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{bail, Context as _};
+use serde_json::Value;
+
+/// The admin token the scenarios use.
+pub const TOKEN: &str = "bench-admin-token-0123456789";
+
+/// The cells: id, location, country (the edge stands in Frankfurt, so a
+/// loopback client's geo choice is eu-west).
+const CELLS: [(&str, f64, f64, &str); 3] = [
+    ("eu-west", 53.35, -6.26, "IE"),
+    ("us-east", 39.04, -77.49, "US"),
+    ("ap-south", 19.08, 72.88, "IN"),
+];
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A child process killed when dropped.
+#[derive(Debug)]
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[derive(Debug)]
+pub struct Cell {
+    pub id: &'static str,
+    pub http: u16,
+    pub control: u16,
+    proc: Option<Proc>,
+}
+
+/// One access-log line of the edge.
+#[derive(Debug)]
+pub struct Access {
+    /// When the request arrived: the log time less its duration.
+    pub sent: SystemTime,
+    pub retries: u64,
+}
+
+#[derive(Debug)]
+pub struct Topo {
+    pub cells: Vec<Cell>,
+    pub http: u16,
+    pub admin: u16,
+    edge: Option<Proc>,
+    dir: tempfile::TempDir,
+    http_client: reqwest::Client,
+}
+
+impl Topo {
+    /// Starts the cells and the edge, and waits until every cell is up in the
+    /// edge's table.
+    pub async fn start(cellgate: &Path) -> anyhow::Result<Topo> {
+        let dir = tempfile::tempdir()?;
+        let mut cells = Vec::new();
+        for (id, ..) in CELLS {
+            let (http, control) = (free_port()?, free_port()?);
+            let log = File::create(dir.path().join(format!("{id}.log")))?;
+            let child = Command::new(cellgate)
+                .args(["sim-cell", "--id", id])
+                .args(["--listen", &format!("127.0.0.1:{http}")])
+                .args(["--control-listen", &format!("127.0.0.1:{control}")])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("starting {}", cellgate.display()))?;
+            cells.push(Cell {
+                id,
+                http,
+                control,
+                proc: Some(Proc(child)),
+            });
+        }
+        let (http, admin) = (free_port()?, free_port()?);
+        let mut topo = Topo {
+            cells,
+            http,
+            admin,
+            edge: None,
+            dir,
+            http_client: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
+        };
+        topo.write_config(1.0)?;
+        let log = File::create(topo.edge_log())?;
+        let child = Command::new(cellgate)
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(topo.config_path())
+            .env("CELLGATE_ADMIN_TOKEN", TOKEN)
+            .env("RUST_LOG", "info,pingora_core=warn,pingora_proxy=warn,hickory_server=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        topo.edge = Some(Proc(child));
+        topo.wait_ready().await?;
+        Ok(topo)
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("cellgate.toml")
+    }
+
+    fn edge_log(&self) -> PathBuf {
+        self.dir.path().join("edge.log")
+    }
+
+    /// Writes the edge's config; `eu_capacity` lets the reload scenario make
+    /// each reload a real change.
+    pub fn write_config(&self, eu_capacity: f64) -> anyhow::Result<()> {
+        let mut c = format!(
+            r#"
+[edge]
+name = "edge-bench"
+location = {{ lat = 50.11, lon = 8.68 }}
+
+[listeners]
+http = "127.0.0.1:{http}"
+admin = "127.0.0.1:{admin}"
+
+[sticky_secret]
+env = "CELLGATE_STICKY_SECRET"
+ephemeral_if_unset = true
+
+[health]
+kind = "http"
+path = "/healthz"
+interval = "200ms"
+timeout = "250ms"
+rise = 2
+fall = 3
+
+[proxy]
+connect_timeout = "250ms"
+read_timeout = "1s"
+
+[admin]
+tokens = [{{ name = "bench", env = "CELLGATE_ADMIN_TOKEN" }}]
+
+[[services]]
+name = "app"
+hosts = ["app.bench.test"]
+cells = ["eu-west", "us-east", "ap-south"]
+policy = "geo"
+sticky = {{ cookie = "cg_app", ttl = "1h" }}
+
+[[services]]
+name = "api"
+hosts = ["api.bench.test"]
+cells = ["eu-west", "us-east", "ap-south"]
+policy = "latency"
+shard_key = {{ header = "x-tenant" }}
+"#,
+            http = self.http,
+            admin = self.admin
+        );
+        for (cell, (id, lat, lon, country)) in self.cells.iter().zip(CELLS) {
+            let capacity = if id == "eu-west" { eu_capacity } else { 1.0 };
+            write!(
+                c,
+                r#"
+[[cells]]
+id = "{id}"
+region = "{id}-1"
+location = {{ lat = {lat}, lon = {lon} }}
+country = "{country}"
+capacity = {capacity}
+load_limit = 0.9
+http = ["127.0.0.1:{port}"]
+"#,
+                port = cell.http
+            )?;
+        }
+        // Write then rename, so a reload never reads half a file.
+        let tmp = self.dir.path().join("cellgate.toml.tmp");
+        std::fs::write(&tmp, c)?;
+        std::fs::rename(&tmp, self.config_path())?;
+        Ok(())
+    }
+
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(Proc(child)) = &mut self.edge {
+                if let Some(status) = child.try_wait()? {
+                    let log = std::fs::read_to_string(self.edge_log()).unwrap_or_default();
+                    bail!("the edge exited with {status} during start-up:\n{log}");
+                }
+            }
+            if let Ok(v) = self.cells_json().await {
+                let cells = v["cells"].as_array().map(Vec::as_slice).unwrap_or_default();
+                if cells.len() == self.cells.len() && cells.iter().all(|c| c["health"] == "up") {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the edge did not report every cell up within 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/", self.http)
+    }
+
+    pub fn cell(&self, id: &str) -> usize {
+        self.cells.iter().position(|c| c.id == id).unwrap_or(0)
+    }
+
+    /// `POST` to a sim cell's control API.
+    pub async fn control(&self, cell: usize, what: &str) -> anyhow::Result<()> {
+        let url = format!("http://127.0.0.1:{}{what}", self.cells[cell].control);
+        let r = self.http_client.post(&url).send().await?;
+        if !r.status().is_success() {
+            bail!("{url}: {}", r.status());
+        }
+        Ok(())
+    }
+
+    /// Kills a cell's process with SIGKILL.
+    pub fn kill(&mut self, cell: usize) {
+        self.cells[cell].proc.take();
+    }
+
+    pub async fn cells_json(&self) -> anyhow::Result<Value> {
+        let url = format!("http://127.0.0.1:{}/api/v1/cells", self.admin);
+        Ok(self.http_client.get(url).send().await?.error_for_status()?.json().await?)
+    }
+
+    /// An authenticated admin call; returns the status and body.
+    pub async fn admin_post(&self, path: &str, body: Option<Value>) -> anyhow::Result<(u16, Value)> {
+        let url = format!("http://127.0.0.1:{}{path}", self.admin);
+        let mut req = self.http_client.post(url).bearer_auth(TOKEN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await?;
+        let status = r.status().as_u16();
+        Ok((status, r.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// The edge's access log so far.
+    pub fn access_log(&self) -> Vec<Access> {
+        let text = std::fs::read_to_string(self.edge_log()).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["target"] == "cellgate::access")
+            .filter_map(|v| {
+                let f = &v["fields"];
+                let at = humantime::parse_rfc3339_weak(v["timestamp"].as_str()?.trim_end_matches('Z')).ok()?;
+                let took = Duration::from_secs_f64(f["duration_ms"].as_f64()?.max(0.0) / 1000.0);
+                Some(Access {
+                    sent: at.checked_sub(took)?,
+                    retries: f["retries"].as_u64()?,
+                })
+            })
+            .collect()
+    }
+}
