@@ -408,6 +408,39 @@ async fn a_post_that_reached_a_cell_is_not_replayed_but_a_get_is() {
     assert_eq!((status, cell.as_str()), (200, "us"));
 }
 
+/// A client that hangs up before the answer is not the cell's fault: no
+/// retry on another cell, no passive ejection (found by the proxy bench,
+/// where wrk closing its connections got every endpoint ejected).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_hang_up_early_are_neither_retried_nor_held_against_the_cell() {
+    use tokio::io::AsyncWriteExt;
+    let topo = Topo::start().await;
+    let edge = Edge::start(&topo.config(""));
+    // Slow enough to hang up on, well inside the 250 ms health-check timeout.
+    control(topo.ports(0), "/latency?ms=150").await;
+    for _ in 0..20 {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", edge.http))
+            .await
+            .expect("connect");
+        s.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+            .await
+            .expect("write");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        drop(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    control(topo.ports(0), "/latency?ms=0").await;
+    assert_eq!(
+        topo.cells[1].0.requests() + topo.cells[2].0.requests(),
+        0,
+        "requests whose client left were retried on other cells"
+    );
+    assert!(edge.access_log().iter().all(|a| a.retries == 0));
+    // eu was not ejected: it still gets the next request.
+    let (status, cell, _) = get(&client(), &edge, "app.test", &[]).await.expect("get");
+    assert_eq!((status, cell.as_str()), (200, "eu"), "{}", edge.log_text());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_http2_and_websocket_stay_on_one_cell() {
     let topo = Topo::start().await;

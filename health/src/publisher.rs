@@ -555,7 +555,7 @@ impl Publisher {
         if blind != self.prober_blind {
             if blind {
                 tracing::error!(
-                    "every cell fails its probes: this edge may have lost its network; all-down policies apply"
+                    "every cell is down (failed probes or passively ejected endpoints): this edge may have lost its network; all-down policies apply"
                 );
             } else {
                 tracing::info!("probes succeed again");

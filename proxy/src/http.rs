@@ -2,7 +2,10 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::Instant,
 };
 
@@ -15,7 +18,7 @@ use pingora::{
     http::{RequestHeader, ResponseHeader},
     prelude::*,
     upstreams::peer::HttpPeer,
-    ErrorType,
+    ErrorSource, ErrorType,
 };
 use rand::Rng;
 
@@ -36,6 +39,9 @@ pub struct CellProxy {
     budget: RetryBudget,
     traffic: TrafficStats,
     tls: bool,
+    /// The second a fail-open warning was last logged: at most one a second,
+    /// however many requests fail open (the counter has them all).
+    fail_open_logged: AtomicU64,
 }
 
 impl CellProxy {
@@ -58,6 +64,7 @@ impl CellProxy {
             budget,
             traffic,
             tls,
+            fail_open_logged: AtomicU64::new(0),
         }
     }
 }
@@ -184,7 +191,10 @@ impl CellProxy {
         };
         let decision = steer(&table, &query, now);
         if decision.outcome == Outcome::FailOpen {
-            tracing::warn!(service = %spec.name, "no eligible cell: failing open");
+            let sec = now.as_unix_secs();
+            if self.fail_open_logged.swap(sec, Ordering::Relaxed) != sec {
+                tracing::warn!(service = %spec.name, "no eligible cell: failing open (logged at most once a second)");
+            }
             metrics::counter!("cellgate_fail_open_total", "service" => spec.name.to_string(), "face" => "proxy")
                 .increment(1);
         }
@@ -414,6 +424,13 @@ impl ProxyHttp for CellProxy {
         _client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("peer: {peer}"));
+        if *e.esource() == ErrorSource::Downstream {
+            // The client went away (or sent garbage) mid-request: nothing is
+            // wrong with the cell, and there is nobody left to answer.
+            // Neither a retry nor a mark against the endpoint.
+            e.set_retry(false);
+            return e;
+        }
         if ctx.retry_status.is_some() {
             // Decided in upstream_response_filter (budget already taken).
             e.set_retry(true);
