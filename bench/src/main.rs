@@ -34,7 +34,8 @@ enum Command {
         /// The cellgate binary to run (edge and sim cells).
         #[arg(long, default_value = "target/release/cellgate")]
         cellgate: PathBuf,
-        /// Short durations (the flap and reload scenarios last 5 s instead of 60 s and 30 s).
+        /// Short durations and at most 200 requests/s (the flap and reload scenarios last 3 s and 2 s
+        /// instead of 60 s and 30 s).
         #[arg(long)]
         smoke: bool,
         /// Run only these scenarios (comma separated): kill, blackhole, slow, flap, drain, reload.

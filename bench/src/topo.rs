@@ -206,7 +206,11 @@ http = ["127.0.0.1:{port}"]
             }
             if let Ok(v) = self.cells_json().await {
                 let cells = v["cells"].as_array().map(Vec::as_slice).unwrap_or_default();
-                if cells.len() == self.cells.len() && cells.iter().all(|c| c["health"] == "up") {
+                let proxying = async {
+                    let r = self.http_client.get(self.url()).header("host", "app.bench.test").send().await;
+                    r.is_ok_and(|r| r.status() == 200)
+                };
+                if cells.len() == self.cells.len() && cells.iter().all(|c| c["health"] == "up") && proxying.await {
                     return Ok(());
                 }
             }

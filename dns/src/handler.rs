@@ -272,7 +272,7 @@ impl RequestHandler for CellDns {
             .queries
             .queries()
             .first()
-            .map_or_else(|| "none".to_owned(), |q| q.query_type().to_string());
+            .map_or("none", |q| <&'static str>::from(q.query_type()));
         metrics::counter!("cellgate_dns_queries_total", "qtype" => qtype, "rcode" => a.rcode.to_str()).increment(1);
         let builder = MessageResponseBuilder::new(&request.queries, a.edns.as_ref());
         let mut meta = Metadata::response_from_request(&request.metadata);

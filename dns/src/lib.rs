@@ -6,13 +6,15 @@
 //! or source address, via the config's CIDR table then the geo database),
 //! steers, and answers with the chosen cells' addresses, the SOA for
 //! negative answers, and an ECS scope that tells resolvers how widely they
-//! may cache the answer. [`DnsServer`] serves it on UDP and TCP.
+//! may cache the answer. [`DnsServer`] serves it on UDP (our own receive
+//! loop, `udp.rs`) and TCP (hickory's server).
 //!
 //! Depends on `config` and `routing`; never on the proxy or admin.
 
 #![forbid(unsafe_code)]
 
 mod handler;
+mod udp;
 mod zones;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -36,7 +38,11 @@ pub enum Error {
 
 /// A running DNS server on one address, UDP and TCP.
 pub struct DnsServer {
+    /// TCP.
     server: hickory_server::Server<CellDns>,
+    /// UDP: one receive loop per runtime worker.
+    udp_loops: Vec<tokio::task::JoinHandle<()>>,
+    stop: tokio::sync::watch::Sender<bool>,
     pub udp: SocketAddr,
     pub tcp: SocketAddr,
 }
@@ -96,11 +102,19 @@ impl DnsServer {
                 }
             }
         };
+        let handler = Arc::new(CellDns::new(tables.clone(), traffic.clone()));
+        let udp = Arc::new(udp);
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let loops = tokio::runtime::Handle::current().metrics().num_workers().max(1);
+        let udp_loops = (0..loops)
+            .map(|_| tokio::spawn(udp::serve(udp.clone(), handler.clone(), stopped.clone())))
+            .collect();
         let mut server = hickory_server::Server::new(CellDns::new(tables, traffic));
-        server.register_socket(udp);
         server.register_listener(tcp, TCP_IDLE, 64);
         Ok(Self {
             server,
+            udp_loops,
+            stop,
             udp: udp_addr,
             tcp: tcp_addr,
         })
@@ -108,6 +122,10 @@ impl DnsServer {
 
     /// Stops serving.
     pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        for l in self.udp_loops.drain(..) {
+            let _ = l.await;
+        }
         let _ = self.server.shutdown_gracefully().await;
     }
 }
