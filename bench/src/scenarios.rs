@@ -52,7 +52,10 @@ pub async fn run(cellgate: &Path, smoke: bool, only: &[String], rate: u32) -> an
         }
     }
     if !cellgate.exists() {
-        bail!("{} does not exist: build it first (cargo build --release)", cellgate.display());
+        bail!(
+            "{} does not exist: build it first (cargo build --release)",
+            cellgate.display()
+        );
     }
     let p = Params {
         // Ten seconds fill the retry budget's window, as on an edge that
@@ -277,7 +280,10 @@ async fn slow(topo: &Topo, p: Params) -> anyhow::Result<Report> {
                 None => counts.push((c.to_owned(), 1)),
             }
         }
-        counts.into_iter().max_by_key(|(_, n)| *n).unwrap_or(("eu-west".into(), 0))
+        counts
+            .into_iter()
+            .max_by_key(|(_, n)| *n)
+            .unwrap_or(("eu-west".into(), 0))
     };
     let cell = topo.cell(&primary);
     let t_fault = load.now();
@@ -307,7 +313,10 @@ async fn slow(topo: &Topo, p: Params) -> anyhow::Result<Report> {
         name: "slow",
         fault: format!("{primary} (the latency policy's first choice) answers 200 ms slower"),
         samples,
-        settle: Some(("last request sent to the slow cell", last_on_slow.or(Some(Duration::ZERO)))),
+        settle: Some((
+            "last request sent to the slow cell",
+            last_on_slow.or(Some(Duration::ZERO)),
+        )),
         goal: None,
         notes,
     })
@@ -363,7 +372,9 @@ async fn drain(topo: &Topo, p: Params) -> anyhow::Result<Report> {
         .await?;
     let mut notes = Vec::new();
     if status == 409 {
-        notes.push(format!("the blast-radius guard refused the drain ({body}); sent again with force"));
+        notes.push(format!(
+            "the blast-radius guard refused the drain ({body}); sent again with force"
+        ));
         (status, body) = topo
             .admin_post(
                 "/api/v1/cells/eu-west/drain",

@@ -105,7 +105,10 @@ impl Topo {
             .args(["--log-format", "json", "run", "--config"])
             .arg(topo.config_path())
             .env("CELLGATE_ADMIN_TOKEN", TOKEN)
-            .env("RUST_LOG", "info,pingora_core=warn,pingora_proxy=warn,hickory_server=warn")
+            .env(
+                "RUST_LOG",
+                "info,pingora_core=warn,pingora_proxy=warn,hickory_server=warn",
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
@@ -207,7 +210,12 @@ http = ["127.0.0.1:{port}"]
             if let Ok(v) = self.cells_json().await {
                 let cells = v["cells"].as_array().map(Vec::as_slice).unwrap_or_default();
                 let proxying = async {
-                    let r = self.http_client.get(self.url()).header("host", "app.bench.test").send().await;
+                    let r = self
+                        .http_client
+                        .get(self.url())
+                        .header("host", "app.bench.test")
+                        .send()
+                        .await;
                     r.is_ok_and(|r| r.status() == 200)
                 };
                 if cells.len() == self.cells.len() && cells.iter().all(|c| c["health"] == "up") && proxying.await {
@@ -246,7 +254,14 @@ http = ["127.0.0.1:{port}"]
 
     pub async fn cells_json(&self) -> anyhow::Result<Value> {
         let url = format!("http://127.0.0.1:{}/api/v1/cells", self.admin);
-        Ok(self.http_client.get(url).send().await?.error_for_status()?.json().await?)
+        Ok(self
+            .http_client
+            .get(url)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
     }
 
     /// An authenticated admin call; returns the status and body.

@@ -109,7 +109,8 @@ async fn answer(handler: &CellDns, datagram: &[u8], src: SocketAddr, capture: &C
         Err(_) => {
             // The header parsed but the rest did not: FORMERR, no question.
             let queries = Queries::read(&mut BinDecoder::new(&[]), 0).ok()?;
-            let response = MessageResponseBuilder::new(&queries, None).error_msg(&header.metadata, ResponseCode::FormErr);
+            let response =
+                MessageResponseBuilder::new(&queries, None).error_msg(&header.metadata, ResponseCode::FormErr);
             capture.clone().send_response(response).await.ok()?;
         }
     }
