@@ -239,8 +239,12 @@ async fn dead_cell(topo: &mut Topo, p: Params, fault: Fault) -> anyhow::Result<R
             before_fault.len()
         ),
         match out_of_table {
-            Some(d) => format!("health checks marked eu-west down {} after the fault", ms(d)),
-            None => "health checks never marked eu-west down".to_owned(),
+            Some(d) => format!(
+                "the edge's table had eu-west down {} after the fault (passive ejection or health checks, \
+                 whichever came first)",
+                ms(d)
+            ),
+            None => "the edge's table never had eu-west down".to_owned(),
         },
     ];
     if fault == Fault::Blackhole {
