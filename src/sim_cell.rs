@@ -51,7 +51,8 @@ struct State {
     id: String,
     up: AtomicBool,
     health_fail: AtomicBool,
-    blackhole: AtomicBool,
+    /// While true, HTTP requests are held unanswered; held ones wake when it clears.
+    blackhole: watch::Sender<bool>,
     latency_ms: AtomicU64,
     load: AtomicU64,
     fail_rate: AtomicU64,
@@ -108,7 +109,7 @@ impl SimCell {
             opts: Mutex::new(opts),
             up: AtomicBool::new(false),
             health_fail: AtomicBool::new(false),
-            blackhole: AtomicBool::new(false),
+            blackhole: watch::channel(false).0,
             latency_ms: AtomicU64::new(0),
             load: AtomicU64::new(0.1f64.to_bits()),
             fail_rate: AtomicU64::new(0f64.to_bits()),
@@ -241,9 +242,7 @@ async fn echo(mut stream: TcpStream, id: String) {
 async fn serve(s: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
     // A blackholed cell holds every request until `/up` (or `/down`, which
     // closes the connection under it).
-    while s.blackhole.load(Ordering::Relaxed) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let _ = s.blackhole.subscribe().wait_for(|held| !held).await;
     let latency = s.latency_ms.load(Ordering::Relaxed);
     if latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;
@@ -355,7 +354,7 @@ async fn control(s: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
                 "cell": s.id,
                 "up": s.up.load(Ordering::SeqCst),
                 "health_fail": s.health_fail.load(Ordering::Relaxed),
-                "blackhole": s.blackhole.load(Ordering::Relaxed),
+                "blackhole": *s.blackhole.borrow(),
                 "latency_ms": s.latency_ms.load(Ordering::Relaxed),
                 "load": State::f64(&s.load),
                 "fail_rate": State::f64(&s.fail_rate),
@@ -376,7 +375,7 @@ async fn control(s: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
         }
         "/up" => {
             s.health_fail.store(false, Ordering::Relaxed);
-            s.blackhole.store(false, Ordering::Relaxed);
+            s.blackhole.send_replace(false);
             if !s.up.load(Ordering::SeqCst) {
                 if let Err(e) = start_serving(s).await {
                     return json(
@@ -386,7 +385,9 @@ async fn control(s: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
                 }
             }
         }
-        "/blackhole" => s.blackhole.store(true, Ordering::Relaxed),
+        "/blackhole" => {
+            s.blackhole.send_replace(true);
+        }
         "/health-fail" => s.health_fail.store(true, Ordering::Relaxed),
         "/health-ok" => s.health_fail.store(false, Ordering::Relaxed),
         "/latency" => match query_f64(&req, "ms") {

@@ -252,8 +252,9 @@ http = ["127.0.0.1:{port}"]
         self.cells[cell].proc.take();
     }
 
-    pub async fn cells_json(&self) -> anyhow::Result<Value> {
-        let url = format!("http://127.0.0.1:{}/api/v1/cells", self.admin);
+    /// An admin API `GET`, as JSON.
+    pub async fn admin_get(&self, path: &str) -> anyhow::Result<Value> {
+        let url = format!("http://127.0.0.1:{}{path}", self.admin);
         Ok(self
             .http_client
             .get(url)
@@ -262,6 +263,10 @@ http = ["127.0.0.1:{port}"]
             .error_for_status()?
             .json()
             .await?)
+    }
+
+    pub async fn cells_json(&self) -> anyhow::Result<Value> {
+        self.admin_get("/api/v1/cells").await
     }
 
     /// An authenticated admin call; returns the status and body.
