@@ -4,7 +4,9 @@ use std::{path::Path, sync::Arc};
 
 use anyhow::Context as _;
 
-use crate::sim_cell::{SimCell, SimCellOptions};
+use cellgate_sim::{SimCell, SimCellOptions};
+
+use crate::edge::{Edge, EdgeOptions, Stop};
 
 /// The demo's config, compiled in so the demo runs from anywhere.
 pub const DEMO_CONFIG: &str = include_str!("../examples/demo.toml");
@@ -56,12 +58,39 @@ pub fn run() -> anyhow::Result<()> {
         }
     };
     println!("{}", banner());
-    let opts = crate::edge::RunOptions {
-        admin_token: Some(token),
-        ..Default::default()
-    };
-    let result = crate::edge::run(config, opts);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.proxy.threads)
+        .thread_name("cellgate-worker")
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(async {
+        let bound = Edge::bind_with(
+            config,
+            EdgeOptions {
+                admin_token: Some(token),
+                ..Default::default()
+            },
+        )
+        .await?;
+        bound
+            .run(async {
+                use tokio::signal::unix::{signal, SignalKind};
+                match signal(SignalKind::terminate()) {
+                    Ok(mut term) => tokio::select! {
+                        _ = term.recv() => Stop::Graceful,
+                        _ = tokio::signal::ctrl_c() => Stop::Fast,
+                    },
+                    Err(_) => {
+                        let _ = tokio::signal::ctrl_c().await;
+                        Stop::Fast
+                    }
+                }
+            })
+            .await
+    });
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
     drop(cells);
+    drop(cells_rt);
     result
 }
 

@@ -1,13 +1,15 @@
 //! The `cellgate` edge node: composes the component crates.
 //!
-//! `main.rs` only parses the command line; everything it runs lives here so
-//! tests can drive a whole edge node in-process.
+//! [`edge::Edge::bind`] builds a whole edge in-process and binds its
+//! listeners; [`edge::BoundEdge::run`] serves it. `main.rs` only parses the
+//! command line, sets up logging and signals, and calls these, so tests
+//! start edges the same way the binary does.
 
 #![forbid(unsafe_code)]
 
 pub mod demo;
 pub mod edge;
-pub mod sim_cell;
+pub mod logging;
 
 use std::path::Path;
 
@@ -21,9 +23,38 @@ pub struct CheckReport {
     pub warnings: Vec<String>,
 }
 
-/// Loads and validates a config the way `run` would, like `nginx -t`.
+/// Loads and validates a config the way `run` would, like `nginx -t`: the
+/// config itself, then what each component opens (certificates and keys,
+/// the geo database, the state file's directory, secret files), all with
+/// their key paths.
 pub fn check(path: &Path) -> Result<CheckReport, config::Error> {
     let c = config::load(path)?;
+    let mut problems = cellgate_admin::check(&c);
+    if let Err(p) = cellgate_health::open_geo(&c) {
+        problems.push(p);
+    }
+    if let Err(p) = cellgate_proxy::tls::load_certs(&c) {
+        problems.extend(p);
+    }
+    let mut secret_file = |key: String, source: &config::SecretSource| {
+        if let config::SecretSource::File(p) = source {
+            if let Err(e) = std::fs::read_to_string(p) {
+                problems.push(config::Problem::new(key, format!("cannot read `{}`: {e}", p.display())));
+            }
+        }
+    };
+    if let Some(s) = &c.sticky_secret {
+        secret_file("sticky_secret.file".into(), s);
+    }
+    for (i, t) in c.admin.tokens.iter().enumerate() {
+        secret_file(format!("admin.tokens[{i}].file"), &t.secret);
+    }
+    if !problems.is_empty() {
+        return Err(config::Error::Invalid {
+            file: path.to_owned(),
+            problems,
+        });
+    }
     let mut warnings = Vec::new();
     if let Some(config::SecretSource::Env {
         var,

@@ -1,5 +1,11 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 
+use anyhow::Context as _;
+use cellgate::{
+    edge::{Edge, EdgeOptions, Stop},
+    logging::{self, AccessLog, Format},
+};
+use cellgate_admin::contract::{ExplainQuery, Explanation};
 use clap::{Parser, Subcommand, ValueEnum};
 
 /// cellgate: an edge node that steers clients to the right cell.
@@ -21,7 +27,8 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate a config file and exit: 0 when valid, 1 with every problem otherwise.
+    /// Validate a config file and what it names (certificates, the geo
+    /// database, secret files) and exit: 0 when valid, 1 with every problem.
     Check {
         #[arg(long, short)]
         config: PathBuf,
@@ -33,6 +40,9 @@ enum Command {
         /// Start even if the operator state file is corrupt (forgetting drains, weights and pins).
         #[arg(long)]
         ignore_state: bool,
+        /// Where the access log goes: `stderr` (with the other logs), `off`, or a file path.
+        #[arg(long, default_value = "stderr")]
+        access_log: AccessLog,
     },
     /// Ask a running edge node why a client goes where it goes.
     Explain {
@@ -67,16 +77,10 @@ enum Command {
     },
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,pingora_core=warn,pingora_proxy=warn,hickory_server=warn")
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+fn format(f: LogFormat) -> Format {
+    match f {
+        LogFormat::Text => Format::Text,
+        LogFormat::Json => Format::Json,
     }
 }
 
@@ -98,48 +102,44 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { config, ignore_state } => {
-            init_logging(cli.log_format);
-            match cellgate::config::load(&config) {
-                Ok(c) => cellgate::edge::run(
-                    Arc::new(c),
-                    cellgate::edge::RunOptions {
-                        config_path: Some(config),
-                        ignore_state,
-                        ..Default::default()
-                    },
-                ),
-                Err(e) => {
-                    eprintln!("{e}");
-                    return ExitCode::FAILURE;
-                }
-            }
-        }
+        Command::Run {
+            config,
+            ignore_state,
+            access_log,
+        } => run(config, ignore_state, format(cli.log_format), &access_log),
         Command::Explain {
             admin,
             service,
             client,
             key,
             sticky,
-        } => explain(admin, &service, client, key, sticky),
-        Command::Demo => {
-            init_logging(cli.log_format);
-            cellgate::demo::run()
-        }
+        } => explain(
+            admin,
+            ExplainQuery {
+                service,
+                client: client.map(|c| c.to_string()),
+                key,
+                sticky,
+            },
+        ),
+        Command::Demo => logging::init(format(cli.log_format), &AccessLog::Stderr)
+            .map_err(anyhow::Error::from)
+            .and_then(|_logging| cellgate::demo::run()),
         Command::SimCell {
             id,
             listen,
             control_listen,
             tcp_listen,
-        } => {
-            init_logging(cli.log_format);
-            sim_cell(cellgate::sim_cell::SimCellOptions {
-                id,
-                listen,
-                control_listen,
-                tcp_listen,
-            })
-        }
+        } => logging::init(format(cli.log_format), &AccessLog::Stderr)
+            .map_err(anyhow::Error::from)
+            .and_then(|_logging| {
+                sim_cell(cellgate_sim::SimCellOptions {
+                    id,
+                    listen,
+                    control_listen,
+                    tcp_listen,
+                })
+            }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -150,34 +150,87 @@ fn main() -> ExitCode {
     }
 }
 
-fn sim_cell(opts: cellgate::sim_cell::SimCellOptions) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+/// SIGTERM: graceful; SIGINT: fast.
+async fn signals() -> Stop {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => Stop::Graceful,
+        _ = int.recv() => Stop::Fast,
+    }
+}
+
+fn runtime(threads: usize, name: &str) -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name(name)
         .enable_all()
-        .build()?;
+        .build()
+        .with_context(|| format!("starting the {name} runtime"))
+}
+
+fn run(path: PathBuf, ignore_state: bool, format: Format, access: &AccessLog) -> anyhow::Result<()> {
+    let config = match cellgate::config::load(&path) {
+        Ok(c) => Arc::new(c),
+        Err(e) => anyhow::bail!("{e}"),
+    };
+    let logging = Arc::new(logging::init(format, access).context("setting up logging")?);
+    // The control plane (prober, publisher, admin) on a thread of its own,
+    // so probe RTTs are not measured through a busy proxy worker.
+    let control = runtime(1, "cellgate-control")?;
+    let data = runtime(config.proxy.threads, "cellgate-worker")?;
+    let result = data.block_on(async {
+        let bound = Edge::bind_with(
+            config,
+            EdgeOptions {
+                config_path: Some(path),
+                ignore_state,
+                control: Some(control.handle().clone()),
+                log_dropped: Some(logging.dropped_counter()),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let admin = bound.admin().clone();
+        control.spawn(async move {
+            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+                tracing::error!("cannot install the SIGHUP handler: reload with POST /api/v1/reload");
+                return;
+            };
+            while hup.recv().await.is_some() {
+                match admin.reload().await {
+                    Ok(report) => tracing::info!(?report, "SIGHUP: config reloaded"),
+                    Err(problems) => {
+                        tracing::error!(?problems, "SIGHUP: invalid config; still serving the previous one")
+                    }
+                }
+            }
+        });
+        bound.run(signals()).await
+    });
+    data.shutdown_timeout(std::time::Duration::from_secs(1));
+    control.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
+}
+
+fn sim_cell(opts: cellgate_sim::SimCellOptions) -> anyhow::Result<()> {
+    let rt = runtime(2, "cellgate-sim")?;
     rt.block_on(async {
         let id = opts.id.clone();
         let (listen, control) = (opts.listen, opts.control_listen);
-        let _cell = cellgate::sim_cell::SimCell::start(opts).await?;
+        let _cell = cellgate_sim::SimCell::start(opts).await?;
         tracing::info!(%id, %listen, %control, "sim cell serving");
         tokio::signal::ctrl_c().await?;
         anyhow::Ok(())
     })
 }
 
-fn explain(
-    admin: SocketAddr,
-    service: &str,
-    client: Option<std::net::IpAddr>,
-    key: Option<String>,
-    sticky: Option<String>,
-) -> anyhow::Result<()> {
+fn explain(admin: SocketAddr, query: ExplainQuery) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
-        let mut query: Vec<(&str, String)> = vec![("service", service.to_owned())];
-        query.extend(client.map(|c| ("client", c.to_string())));
-        query.extend(key.map(|k| ("key", k)));
-        query.extend(sticky.map(|s| ("sticky", s)));
         let resp = reqwest::Client::new()
             .get(format!("http://{admin}/api/v1/explain"))
             .query(&query)
@@ -185,47 +238,40 @@ fn explain(
             .send()
             .await
             .map_err(|e| anyhow::anyhow!("cannot reach the admin endpoint at {admin}: {e}"))?;
-        let status = resp.status();
-        let v: serde_json::Value = resp.json().await?;
-        if !status.is_success() {
-            anyhow::bail!("{}", v["error"].as_str().unwrap_or("request failed"));
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let body: cellgate_admin::contract::ErrorBody = resp.json().await.unwrap_or_default();
+            anyhow::bail!("{status}: {}", body.error);
         }
-        let c = &v["client"];
+        let e: Explanation = resp
+            .json()
+            .await
+            .context("the answer does not fit the admin contract")?;
         println!(
             "service {} (policy {}), table generation {}",
-            v["service"].as_str().unwrap_or("?"),
-            v["policy"].as_str().unwrap_or("?"),
-            v["generation"]
+            e.service, e.policy, e.generation
         );
-        match (c["ip"].as_str(), c["placed_at_edge"].as_bool()) {
-            (Some(ip), Some(false)) => println!(
+        let c = &e.client;
+        match (&c.ip, &c.location, c.placed_at_edge) {
+            (Some(ip), Some(loc), false) => println!(
                 "client {ip}: {} at {}, {} (matched /{})",
-                c["country"].as_str().unwrap_or("??"),
-                c["location"]["lat"],
-                c["location"]["lon"],
-                c["matched_prefix"]
+                c.country.as_deref().unwrap_or("??"),
+                loc.lat,
+                loc.lon,
+                c.matched_prefix.unwrap_or(0)
             ),
-            (Some(ip), _) => println!("client {ip}: location unknown, placed at the edge"),
-            (None, _) => println!("no client address: placed at the edge"),
+            (Some(ip), _, _) => println!("client {ip}: location unknown, placed at the edge"),
+            (None, _, _) => println!("no client address: placed at the edge"),
         }
-        if let Some(s) = v["sticky"].as_str() {
+        if let Some(s) = &e.sticky {
             println!("sticky cookie: {s}");
         }
-        println!("outcome: {}", v["outcome"].as_str().unwrap_or("?"));
-        for (i, cand) in v["candidates"].as_array().into_iter().flatten().enumerate() {
-            println!(
-                "  {}. {:<12} {}",
-                i + 1,
-                cand["cell"].as_str().unwrap_or("?"),
-                cand["why"].as_str().unwrap_or("")
-            );
+        println!("outcome: {}", serde_json::to_string(&e.outcome)?.trim_matches('"'));
+        for (i, cand) in e.candidates.iter().enumerate() {
+            println!("  {}. {:<12} {}", i + 1, cand.cell, cand.why);
         }
-        for ex in v["excluded"].as_array().into_iter().flatten() {
-            println!(
-                "  -  {:<12} {}",
-                ex["cell"].as_str().unwrap_or("?"),
-                ex["why"].as_str().unwrap_or("")
-            );
+        for ex in &e.excluded {
+            println!("  -  {:<12} {}", ex.cell, ex.why);
         }
         anyhow::Ok(())
     })

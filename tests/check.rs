@@ -65,3 +65,49 @@ fn missing_config_file_exits_nonzero() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.toml: cannot read config"));
 }
+
+/// What a config names is checked too, with the config's key paths:
+/// certificates, the geo database, the state file's directory.
+#[test]
+fn files_the_config_names_are_checked_with_their_key_paths() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("garbage.pem"), "not a certificate").expect("write");
+    std::fs::write(dir.path().join("key.pem"), "not a key").expect("write");
+    std::fs::write(dir.path().join("geo.mmdb"), "not a database").expect("write");
+    let config = r#"
+[edge]
+name = "e"
+location = { lat = 50.0, lon = 8.0 }
+[listeners]
+https = { listen = "127.0.0.1:0", cert = "garbage.pem", key = "key.pem" }
+[geo]
+mmdb = "geo.mmdb"
+[admin]
+state_file = "no/such/dir/state.json"
+[[cells]]
+id = "a"
+region = "a"
+location = { lat = 50.0, lon = 8.0 }
+country = "DE"
+http = ["127.0.0.1:1"]
+[[services]]
+name = "s"
+hosts = ["s.test"]
+cells = ["a"]
+policy = "failover"
+"#;
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, config).expect("write");
+    let out = cellgate().args(["check", "--config"]).arg(&path).output().expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    for key in ["listeners.https.cert", "geo.mmdb", "admin.state_file"] {
+        assert!(stderr.contains(&format!(": {key}: ")), "{key} not reported:\n{stderr}");
+    }
+    // `run` refuses to start on the same config, with the same messages,
+    // and binds nothing.
+    let out = cellgate().args(["run", "--config"]).arg(&path).output().expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("listeners.https.cert"), "{stderr}");
+}

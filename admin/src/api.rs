@@ -1,9 +1,9 @@
-//! The admin HTTP API (axum).
+//! The admin HTTP API (axum). Request and response bodies are the types of
+//! [`crate::contract`].
 
 use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
 
 use axum::{
-    body::Bytes,
     extract::{Path, Query, State},
     http::{header, HeaderMap, StatusCode},
     response::{Html, IntoResponse, Response},
@@ -11,47 +11,44 @@ use axum::{
     Json, Router,
 };
 use cellgate_config::{CellId, Config, Policy, ServiceName};
-use cellgate_health::{now, now_secs, TrafficStats};
 use cellgate_routing::{
-    steer, CellIdx, CellState, Client, Decision, Drain, DrainMode, Health, Measurements, OperatorState, Outcome,
-    RouteQuery, RoutingTable, ServiceIdx, Timestamp,
+    steer, CellIdx, CellState, Client, Decision, Drain, DrainMode, EndpointKind, Health, Measurements, OperatorState,
+    Outcome, RouteQuery, RoutingTable, ServiceIdx, Timestamp,
 };
-use serde::Deserialize;
-use serde_json::{json, Value};
+use cellgate_snapshot::Snapshot;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::Admin;
+use crate::{contract::*, Admin};
 
 type Shared = State<Arc<Admin>>;
 
-/// An error as the API reports it: a status and a JSON body.
+/// An error as the API reports it: a status and an [`ErrorBody`].
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
-    body: Value,
+    body: Box<ErrorBody>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self {
             status,
-            body: json!({ "error": message.into() }),
+            body: Box::new(ErrorBody {
+                error: message.into(),
+                ..Default::default()
+            }),
         }
-    }
-    fn with(mut self, key: &str, v: Value) -> Self {
-        self.body[key] = v;
-        self
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body)).into_response()
+        (self.status, Json(*self.body)).into_response()
     }
 }
 
-type ApiResult = Result<Json<Value>, ApiError>;
+type ApiResult<T> = Result<Json<T>, ApiError>;
 
 pub fn router(admin: Arc<Admin>) -> Router {
     Router::new()
@@ -90,11 +87,25 @@ fn authorize(admin: &Admin, headers: &HeaderMap) -> Result<String, ApiError> {
     found.ok_or_else(|| unauthorized("invalid token"))
 }
 
-fn body_json(body: &Bytes) -> Result<Value, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(json!({}));
+/// A JSON body, or its default when the body is empty. The content type
+/// is not checked (`curl -d` sends a form type).
+fn body<T: serde::de::DeserializeOwned + Default>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
     }
-    serde_json::from_slice(body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
+    required(bytes, "")
+}
+
+/// A JSON body that must be there; `expected` describes it in the error.
+fn required<T: serde::de::DeserializeOwned>(bytes: &[u8], expected: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        let hint = if expected.is_empty() {
+            String::new()
+        } else {
+            format!("; expected {expected}")
+        };
+        ApiError::new(StatusCode::BAD_REQUEST, format!("invalid request: {e}{hint}"))
+    })
 }
 
 fn cell_idx(table: &RoutingTable, id: &str) -> Result<CellIdx, ApiError> {
@@ -103,35 +114,44 @@ fn cell_idx(table: &RoutingTable, id: &str) -> Result<CellIdx, ApiError> {
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("cell `{id}` is not defined")))
 }
 
-fn state_name(s: CellState) -> &'static str {
+fn state_view(s: CellState) -> CellStateView {
     match s {
-        CellState::Eligible => "eligible",
-        CellState::Unknown => "unknown",
-        CellState::Down => "down",
-        CellState::Drained(_) => "drained",
+        CellState::Eligible => CellStateView::Eligible,
+        CellState::Unknown => CellStateView::Unknown,
+        CellState::Down => CellStateView::Down,
+        CellState::Drained(_) => CellStateView::Drained,
     }
 }
 
-fn health_name(h: Health) -> &'static str {
+fn health_view(h: Health) -> HealthView {
     match h {
-        Health::Up => "up",
-        Health::Down => "down",
-        Health::Unknown => "unknown",
+        Health::Up => HealthView::Up,
+        Health::Down => HealthView::Down,
+        Health::Unknown => HealthView::Unknown,
     }
 }
 
-fn ms(d: Option<Duration>) -> Value {
-    d.map_or(Value::Null, |d| json!((d.as_secs_f64() * 1e6).round() / 1e3))
+fn outcome_view(o: Outcome) -> OutcomeView {
+    match o {
+        Outcome::Routed => OutcomeView::Routed,
+        Outcome::FailOpen => OutcomeView::FailOpen,
+        Outcome::Fallback => OutcomeView::Fallback,
+        Outcome::Refused => OutcomeView::Refused,
+    }
 }
 
-fn drain_json(d: &Drain, now: Timestamp) -> Value {
-    json!({
-        "mode": match d.mode { DrainMode::Soft => "soft", DrainMode::Hard => "hard" },
-        "started_ms": d.started.as_unix_millis(),
-        "deadline_ms": d.deadline.map(Timestamp::as_unix_millis),
-        "deadline_in_s": d.deadline.map(|t| t.since(now).as_secs()),
-        "deadline_passed": d.deadline.is_some_and(|t| now >= t),
-    })
+fn ms(d: Option<Duration>) -> Option<f64> {
+    d.map(|d| (d.as_secs_f64() * 1e6).round() / 1e3)
+}
+
+pub(crate) fn drain_view(d: &Drain, now: Timestamp) -> DrainView {
+    DrainView {
+        mode: d.mode,
+        started_ms: d.started.as_unix_millis(),
+        deadline_ms: d.deadline.map(Timestamp::as_unix_millis),
+        deadline_in_s: d.deadline.map(|t| t.since(now).as_secs()),
+        deadline_passed: d.deadline.is_some_and(|t| now >= t),
+    }
 }
 
 async fn status_page() -> Html<&'static str> {
@@ -139,60 +159,14 @@ async fn status_page() -> Html<&'static str> {
 }
 
 async fn metrics(State(a): Shared) -> Response {
-    match &a.metrics {
-        Some(h) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response(),
+    match a.metrics.render() {
+        Some(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
         None => ApiError::new(StatusCode::NOT_FOUND, "metrics are not enabled").into_response(),
     }
 }
 
-async fn cells(State(a): Shared) -> Json<Value> {
-    let t = a.health.table();
-    let passive = a.health.passive();
-    let traffic = a.health.traffic();
-    let (now_s, now) = (now_secs(), now());
-    let cells: Vec<Value> = t
-        .cells
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let spec = t.cell_spec(CellIdx(i as u32));
-            let m = &c.measurement;
-            let tr = traffic.cell(c.id.as_str());
-            let in_flight: u32 = spec.http.iter().chain(&spec.tcp).map(|e| passive.inflight(*e)).sum();
-            json!({
-                "id": c.id.as_str(),
-                "region": spec.region,
-                "country": spec.country.as_str(),
-                "state": state_name(c.state),
-                "health": health_name(m.health),
-                "endpoints": m.endpoints.iter().map(|e| json!({
-                    "addr": e.addr.to_string(), "health": health_name(e.health), "ejected": e.ejected,
-                })).collect::<Vec<_>>(),
-                "endpoints_up": m.endpoints_up,
-                "endpoints_total": m.endpoints_total,
-                "srtt_ms": ms(m.srtt),
-                "rtt_p50_ms": ms(m.rtt_p50),
-                "rtt_p99_ms": ms(m.rtt_p99),
-                "load": m.load,
-                "load_limit": spec.load_limit,
-                "over_limit": c.over_limit,
-                "capacity": spec.capacity,
-                "weight": a_weight(c.weight, spec.capacity),
-                "drain": c.drain.as_ref().map(|d| drain_json(d, now)),
-                "traffic": {
-                    "in_flight": in_flight,
-                    "requests_per_s": tr.as_ref().map_or(0.0, |t| t.requests.sum(now_s) as f64 / t.requests.window_secs() as f64),
-                    "sticky_requests_10m": tr.as_ref().map_or(0, |t| t.sticky.sum(now_s)),
-                    "dns_answers_10s": tr.as_ref().map_or(0, |t| t.dns_answers.sum(now_s)),
-                },
-            })
-        })
-        .collect();
-    Json(json!({ "generation": t.generation, "prober_blind": t.prober_blind, "cells": cells }))
-}
-
 /// The operator's weight multiplier, from the effective weight.
-fn a_weight(effective: f64, capacity: f64) -> f64 {
+fn operator_weight(effective: f64, capacity: f64) -> f64 {
     if capacity > 0.0 {
         effective / capacity
     } else {
@@ -200,65 +174,110 @@ fn a_weight(effective: f64, capacity: f64) -> f64 {
     }
 }
 
-async fn services(State(a): Shared) -> Json<Value> {
-    let t = a.health.table();
-    let now = now();
-    let services: Vec<Value> = t
+pub(crate) fn cell_view(s: &Snapshot, i: CellIdx, now: Timestamp) -> CellView {
+    let t = &s.table;
+    let c = t.cell(i);
+    let spec = t.cell_spec(i);
+    let m = &c.measurement;
+    let now_s = now.as_unix_secs();
+    let tr = s.traffic().cell(i);
+    CellView {
+        id: c.id.to_string(),
+        region: spec.region.clone(),
+        country: spec.country.to_string(),
+        state: state_view(c.state),
+        health: health_view(m.health),
+        endpoints: m
+            .endpoints
+            .iter()
+            .map(|e| EndpointView {
+                addr: e.addr.to_string(),
+                kind: match e.kind {
+                    EndpointKind::Http => EndpointKindView::Http,
+                    EndpointKind::Tcp => EndpointKindView::Tcp,
+                },
+                health: health_view(e.health),
+                ejected: e.ejected,
+            })
+            .collect(),
+        endpoints_up: m.endpoints_up,
+        endpoints_total: m.endpoints_total,
+        srtt_ms: ms(m.srtt),
+        rtt_p50_ms: ms(m.rtt_p50),
+        rtt_p99_ms: ms(m.rtt_p99),
+        load: m.load,
+        load_limit: spec.load_limit,
+        over_limit: c.over_limit,
+        capacity: spec.capacity,
+        weight: operator_weight(c.weight, spec.capacity),
+        drain: c.drain.as_ref().map(|d| drain_view(d, now)),
+        traffic: TrafficView {
+            in_flight: s.inflight(i),
+            requests_per_s: tr.map_or(0.0, |t| t.requests_per_sec(now_s)),
+            sticky_requests_10m: tr.map_or(0, |t| t.sticky.sum(now_s)),
+            dns_answers_10s: tr.map_or(0, |t| t.dns_answers.sum(now_s)),
+        },
+    }
+}
+
+async fn cells(State(a): Shared) -> Json<CellsView> {
+    let s = a.snapshots.load_full();
+    let now = a.now();
+    Json(CellsView {
+        generation: s.generation(),
+        prober_blind: s.table.prober_blind,
+        cells: (0..s.table.cells.len())
+            .map(|i| cell_view(&s, CellIdx(i as u32), now))
+            .collect(),
+    })
+}
+
+async fn services(State(a): Shared) -> Json<ServicesView> {
+    let s = a.snapshots.load_full();
+    let t = &s.table;
+    let now = a.now();
+    let services = t
         .services
         .iter()
         .enumerate()
-        .map(|(i, s)| {
+        .map(|(i, svc)| {
             let spec = t.service_spec(ServiceIdx(i as u32));
-            let d = steer(&t, &RouteQuery::new(ServiceIdx(i as u32)), now);
-            json!({
-                "name": s.name.as_str(),
-                "policy": s.policy.to_string(),
-                "hosts": spec.hosts.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                "dns_name": spec.dns_name,
-                "cells": s.cells().iter().map(|c| t.cell(*c).id.as_str()).collect::<Vec<_>>(),
-                "primary": d.primary().map(|c| t.cell(c).id.as_str()),
-                "outcome": format!("{:?}", d.outcome).to_lowercase(),
-                "note": "primary for a client at the edge's own location, without key or cookie",
-            })
+            let d = steer(t, &RouteQuery::new(ServiceIdx(i as u32)), now);
+            ServiceView {
+                name: svc.name.to_string(),
+                policy: svc.policy.to_string(),
+                hosts: spec.hosts.iter().map(ToString::to_string).collect(),
+                dns_name: spec.dns_name.clone(),
+                cells: svc.cells().iter().map(|c| t.cell(*c).id.to_string()).collect(),
+                primary: d.primary().map(|c| t.cell(c).id.to_string()),
+                outcome: outcome_view(d.outcome),
+                note: "primary for a client at the edge's own location, without key or cookie".into(),
+            }
         })
         .collect();
-    Json(json!({ "generation": t.generation, "services": services }))
-}
-
-/// Saves `op`, publishes it, and records the call.
-async fn commit(a: &Admin, op: OperatorState, who: &str, call: &str, args: &Value) -> Result<(), ApiError> {
-    if let Err(e) = a.store.save(&op) {
-        a.audit(who, call, args, &format!("error: {e}"));
-        return Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot persist operator state: {e}"),
-        ));
-    }
-    // Return only once the table with the change is live.
-    a.health.apply_operator(op).await;
-    a.audit(who, call, args, "ok");
-    Ok(())
+    Json(ServicesView {
+        generation: s.generation(),
+        services,
+    })
 }
 
 /// Where a cell's traffic would go if `after` were the operator state.
 /// Returns the projection and the reasons the guard would refuse.
-fn project(table: &RoutingTable, after: &OperatorState, traffic: &TrafficStats, cell: CellIdx) -> (Value, Vec<String>) {
+fn project(s: &Snapshot, after: &OperatorState, cell: CellIdx, now: Timestamp) -> (Projection, Vec<String>) {
+    let table = &s.table;
     let what_if = RoutingTable::build(
         table.config.clone(),
+        table.geo.clone(),
         &Measurements::from_table(table),
         after,
         Some(table),
         table.generation,
     );
-    let now = now();
-    let now_s = now_secs();
+    let now_s = now.as_unix_secs();
     let drained = table.cell(cell);
     let dspec = table.cell_spec(cell);
     let dload = drained.measurement.load.unwrap_or(0.0);
-    let tr = traffic.cell(drained.id.as_str());
-    let rps =
-        |c: Option<&cellgate_health::RollingCounter>| c.map_or(0.0, |c| c.sum(now_s) as f64 / c.window_secs() as f64);
-    let total_rps = rps(tr.as_ref().map(|t| &t.requests));
+    let total_rps = s.traffic().cell(cell).map_or(0.0, |t| t.requests_per_sec(now_s));
     let mut projected: HashMap<CellIdx, f64> = HashMap::new();
     let mut moves = Vec::new();
     let mut blocked = Vec::new();
@@ -266,19 +285,20 @@ fn project(table: &RoutingTable, after: &OperatorState, traffic: &TrafficStats, 
         .services
         .iter()
         .enumerate()
-        .filter(|(_, s)| s.cells().contains(&cell))
+        .filter(|(_, svc)| svc.cells().contains(&cell))
         .map(|(i, _)| i)
         .collect();
     for &si in &serving {
+        let svc_idx = ServiceIdx(si as u32);
         let svc = &table.services[si];
-        let mut q = RouteQuery::new(ServiceIdx(si as u32));
+        let mut q = RouteQuery::new(svc_idx);
         q.limit = Decision::CAP;
         let d = steer(&what_if, &q, now);
         if d.outcome != Outcome::Routed || d.is_empty() {
             blocked.push(format!("service `{}` would have no eligible cell", svc.name));
             continue;
         }
-        let svc_rps = rps(tr.as_ref().and_then(|t| t.by_service.get(svc.name.as_str())));
+        let svc_rps = s.traffic().service_rate(svc_idx, cell, now_s);
         let share_of_cell = if total_rps > 0.0 {
             svc_rps / total_rps
         } else {
@@ -302,13 +322,21 @@ fn project(table: &RoutingTable, after: &OperatorState, traffic: &TrafficStats, 
             *projected
                 .entry(r)
                 .or_insert(table.cell(r).measurement.load.unwrap_or(0.0)) += add;
-            to.push(json!({ "cell": table.cell(r).id.as_str(), "requests_per_s": svc_rps * frac, "share": frac }));
+            to.push(MoveTo {
+                cell: table.cell(r).id.to_string(),
+                requests_per_s: svc_rps * frac,
+                share: frac,
+            });
         }
-        moves.push(json!({ "service": svc.name.as_str(), "requests_per_s": svc_rps, "to": to }));
+        moves.push(Move {
+            service: svc.name.to_string(),
+            requests_per_s: svc_rps,
+            to,
+        });
     }
-    let mut receivers: Vec<Value> = Vec::new();
     let mut by_cell: Vec<_> = projected.into_iter().collect();
     by_cell.sort_by_key(|(c, _)| *c);
+    let mut receivers = Vec::new();
     for (r, load) in by_cell {
         let limit = table.cell_spec(r).load_limit;
         let id = table.cell(r).id.as_str();
@@ -317,12 +345,12 @@ fn project(table: &RoutingTable, after: &OperatorState, traffic: &TrafficStats, 
                 "cell `{id}` would reach load {load:.2}, over its limit {limit:.2}"
             ));
         }
-        receivers.push(json!({
-            "cell": id,
-            "load_now": table.cell(r).measurement.load,
-            "projected_load": (load * 1000.0).round() / 1000.0,
-            "load_limit": limit,
-        }));
+        receivers.push(Receiver {
+            cell: id.to_owned(),
+            load_now: table.cell(r).measurement.load,
+            projected_load: (load * 1000.0).round() / 1000.0,
+            load_limit: limit,
+        });
     }
     let note = if drained.measurement.load.is_none() {
         "the drained cell reports no load: projected loads assume it adds none"
@@ -330,43 +358,30 @@ fn project(table: &RoutingTable, after: &OperatorState, traffic: &TrafficStats, 
         "estimate: the drained cell's load, scaled by capacity, moves with its traffic"
     };
     (
-        json!({ "would_move": moves, "receivers": receivers, "note": note, "current_requests_per_s": total_rps }),
+        Projection {
+            would_move: moves,
+            receivers,
+            note: note.into(),
+            current_requests_per_s: total_rps,
+        },
         blocked,
     )
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DrainRequest {
-    mode: Option<String>,
-    deadline: Option<String>,
-    #[serde(default)]
-    dry_run: bool,
-    #[serde(default)]
-    force: bool,
-}
-
-async fn drain(State(a): Shared, Path(id): Path<String>, headers: HeaderMap, body: Bytes) -> ApiResult {
-    let args = body_json(&body)?;
-    let req: DrainRequest = serde_json::from_value(args.clone())
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid drain request: {e}")))?;
-    // A dry run changes nothing: no token needed.
+async fn drain(
+    State(a): Shared,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    bytes: axum::body::Bytes,
+) -> ApiResult<DrainResponse> {
+    let req: DrainRequest = body(&bytes)?;
+    // A dry run changes nothing: no token, and no operator lock.
     let who = if req.dry_run {
-        String::from("-")
+        None
     } else {
-        authorize(&a, &headers)?
+        Some(authorize(&a, &headers)?)
     };
-    let mode = match req.mode.as_deref().unwrap_or("soft") {
-        "soft" => DrainMode::Soft,
-        "hard" => DrainMode::Hard,
-        m => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("mode `{m}`: expected \"soft\" or \"hard\""),
-            ))
-        }
-    };
-    let now = now();
+    let now = a.now();
     let deadline = match &req.deadline {
         None => None,
         Some(d) => Some(now.saturating_add(humantime::parse_duration(d).map_err(|e| {
@@ -376,93 +391,97 @@ async fn drain(State(a): Shared, Path(id): Path<String>, headers: HeaderMap, bod
             )
         })?)),
     };
-    let table = a.health.table();
-    let cell = cell_idx(&table, &id)?;
-    let mut op = a.operator.lock().await;
-    let mut after = op.clone();
-    after.drains.insert(
-        CellId::new(&id),
-        Drain {
-            mode,
-            started: now,
-            deadline,
-        },
-    );
-    let (projection, blocked) = project(&table, &after, &a.health.traffic(), cell);
-    if req.dry_run {
-        return Ok(Json(
-            json!({ "dry_run": true, "cell": id, "projection": projection, "blocked": blocked }),
-        ));
-    }
+    let drain = Drain {
+        mode: req.mode,
+        started: now,
+        deadline,
+    };
+    let s = a.snapshots.load_full();
+    let cell = cell_idx(&s.table, &id)?;
+    let Some(who) = who else {
+        let mut after = (*a.operator.current()).clone();
+        after.drains.insert(CellId::new(&id), drain);
+        let (projection, blocked) = project(&s, &after, cell, now);
+        return Ok(Json(DrainResponse::DryRun(DryRun {
+            dry_run: true,
+            cell: id,
+            projection,
+            blocked,
+        })));
+    };
+    let call = AuditCall::Drain {
+        cell: id.clone(),
+        request: req.clone(),
+    };
+    let _writer = a.operator.lock().await;
+    let mut after = (*a.operator.current()).clone();
+    after.drains.insert(CellId::new(&id), drain);
+    let (projection, blocked) = project(&s, &after, cell, now);
     if !blocked.is_empty() && !req.force {
-        a.audit(
-            &who,
-            "drain",
-            &json!({ "cell": id, "request": args }),
-            "refused by the blast-radius guard",
-        );
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!(
-                "drain of `{id}` refused: {}; repeat with \"force\": true to drain anyway",
-                blocked.join("; ")
-            ),
-        )
-        .with("reasons", json!(blocked))
-        .with("projection", projection));
+        a.audit(&who, call, "refused by the blast-radius guard");
+        return Err(ApiError {
+            status: StatusCode::CONFLICT,
+            body: Box::new(ErrorBody {
+                error: format!(
+                    "drain of `{id}` refused: {}; repeat with \"force\": true to drain anyway",
+                    blocked.join("; ")
+                ),
+                reasons: blocked,
+                projection: Some(projection),
+                problems: Vec::new(),
+            }),
+        });
     }
-    commit(
-        &a,
-        after.clone(),
-        &who,
-        "drain",
-        &json!({ "cell": id, "request": args }),
-    )
-    .await?;
-    *op = after;
-    metrics::counter!("cellgate_admin_drains_total", "mode" => if mode == DrainMode::Soft { "soft" } else { "hard" })
+    a.commit(after, &who, call).await?;
+    a.metrics
+        .counter(
+            "cellgate_admin_drains_total",
+            &[("mode", if req.mode == DrainMode::Soft { "soft" } else { "hard" })],
+        )
         .increment(1);
-    Ok(Json(json!({
-        "cell": id,
-        "drain": op.drains.get(id.as_str()).map(|d| drain_json(d, now)),
-        "forced_past": blocked,
-        "projection": projection,
+    Ok(Json(DrainResponse::Drained(Drained {
+        cell: id,
+        drain: Some(drain_view(&drain, now)),
+        forced_past: blocked,
+        projection,
     })))
 }
 
-async fn undrain(State(a): Shared, Path(id): Path<String>, headers: HeaderMap) -> ApiResult {
+async fn undrain(State(a): Shared, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<Undrained> {
     let who = authorize(&a, &headers)?;
-    let table = a.health.table();
-    cell_idx(&table, &id)?;
-    let mut op = a.operator.lock().await;
-    let mut after = op.clone();
-    let was = after.drains.remove(id.as_str()).is_some();
-    commit(&a, after.clone(), &who, "undrain", &json!({ "cell": id })).await?;
-    *op = after;
-    Ok(Json(json!({ "cell": id, "was_drained": was })))
+    cell_idx(&a.snapshots.load().table, &id)?;
+    let _writer = a.operator.lock().await;
+    let mut after = (*a.operator.current()).clone();
+    let was_drained = after.drains.remove(id.as_str()).is_some();
+    a.commit(after, &who, AuditCall::Undrain { cell: id.clone() }).await?;
+    Ok(Json(Undrained { cell: id, was_drained }))
 }
 
-async fn weight(State(a): Shared, Path(id): Path<String>, headers: HeaderMap, body: Bytes) -> ApiResult {
+async fn weight(
+    State(a): Shared,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    bytes: axum::body::Bytes,
+) -> ApiResult<Weighted> {
     let who = authorize(&a, &headers)?;
-    let args = body_json(&body)?;
-    let w = args
-        .get("weight")
-        .and_then(Value::as_f64)
-        .filter(|w| w.is_finite() && *w >= 0.0)
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "expected {\"weight\": <number >= 0>} (a multiplier of the configured capacity)",
-            )
-        })?;
-    let table = a.health.table();
-    cell_idx(&table, &id)?;
-    let mut op = a.operator.lock().await;
-    let mut after = op.clone();
-    after.weights.insert(CellId::new(&id), w);
-    commit(&a, after.clone(), &who, "weight", &json!({ "cell": id, "weight": w })).await?;
-    *op = after;
-    Ok(Json(json!({ "cell": id, "weight": w })))
+    const EXPECTED: &str = "{\"weight\": <number >= 0>} (a multiplier of the configured capacity)";
+    let req: WeightRequest = required(&bytes, EXPECTED)?;
+    if !(req.weight.is_finite() && req.weight >= 0.0) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("expected {EXPECTED}")));
+    }
+    cell_idx(&a.snapshots.load().table, &id)?;
+    let _writer = a.operator.lock().await;
+    let mut after = (*a.operator.current()).clone();
+    after.weights.insert(CellId::new(&id), req.weight);
+    let call = AuditCall::Weight {
+        cell: id.clone(),
+        weight: req.weight,
+    };
+    a.commit(after, &who, call).await?;
+    Ok(Json(Weighted {
+        cell: id,
+        weight: req.weight,
+    }))
 }
 
 fn service_spec<'c>(config: &'c Config, name: &str) -> Result<&'c cellgate_config::Service, ApiError> {
@@ -471,39 +490,39 @@ fn service_spec<'c>(config: &'c Config, name: &str) -> Result<&'c cellgate_confi
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("service `{name}` is not defined")))
 }
 
-async fn list_pins(State(a): Shared, Path(service): Path<String>) -> ApiResult {
+async fn list_pins(State(a): Shared, Path(service): Path<String>) -> ApiResult<PinsView> {
     let config = a.config.load_full();
     service_spec(&config, &service)?;
-    let op = a.operator.lock().await;
-    let mut pins: Vec<Value> = config
+    let op = a.operator.current();
+    let mut pins: Vec<PinView> = config
         .pins
         .iter()
         .filter(|p| p.service.as_str() == service)
         .filter(|p| op.pins.get(&service, &p.key).is_none())
-        .map(|p| json!({ "key": p.key, "cell": p.cell.as_str(), "source": "config" }))
+        .map(|p| PinView {
+            key: p.key.clone(),
+            cell: p.cell.to_string(),
+            source: PinSource::Config,
+        })
         .collect();
     if let Some(keys) = op.pins.0.get(service.as_str()) {
-        pins.extend(
-            keys.iter()
-                .map(|(k, c)| json!({ "key": k, "cell": c.as_str(), "source": "operator" })),
-        );
+        pins.extend(keys.iter().map(|(k, c)| PinView {
+            key: k.clone(),
+            cell: c.to_string(),
+            source: PinSource::Operator,
+        }));
     }
-    Ok(Json(json!({ "service": service, "pins": pins })))
+    Ok(Json(PinsView { service, pins }))
 }
 
 async fn pin(
     State(a): Shared,
     Path((service, key)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult {
+    bytes: axum::body::Bytes,
+) -> ApiResult<Pinned> {
     let who = authorize(&a, &headers)?;
-    let args = body_json(&body)?;
-    let cell = args
-        .get("cell")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "expected {\"cell\": \"<cell id>\"}"))?
-        .to_owned();
+    let PinRequest { cell } = required(&bytes, "{\"cell\": \"<cell id>\"}")?;
     let config = a.config.load_full();
     let spec = service_spec(&config, &service)?;
     if !spec.cells.iter().any(|c| c.as_str() == cell) {
@@ -512,75 +531,65 @@ async fn pin(
             format!("cell `{cell}` does not serve service `{service}`"),
         ));
     }
-    let mut op = a.operator.lock().await;
-    let mut after = op.clone();
+    let _writer = a.operator.lock().await;
+    let mut after = (*a.operator.current()).clone();
     let mut pins = (*after.pins).clone();
     pins.insert(ServiceName::new(&service), key.clone(), CellId::new(&cell));
     after.pins = Arc::new(pins);
-    commit(
-        &a,
-        after.clone(),
-        &who,
-        "pin",
-        &json!({ "service": service, "key": key, "cell": cell }),
-    )
-    .await?;
-    *op = after;
-    Ok(Json(json!({ "service": service, "key": key, "cell": cell })))
+    let call = AuditCall::Pin {
+        service: service.clone(),
+        key: key.clone(),
+        cell: cell.clone(),
+    };
+    a.commit(after, &who, call).await?;
+    Ok(Json(Pinned { service, key, cell }))
 }
 
-async fn unpin(State(a): Shared, Path((service, key)): Path<(String, String)>, headers: HeaderMap) -> ApiResult {
+async fn unpin(
+    State(a): Shared,
+    Path((service, key)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Unpinned> {
     let who = authorize(&a, &headers)?;
     let config = a.config.load_full();
     service_spec(&config, &service)?;
-    let mut op = a.operator.lock().await;
-    let mut after = op.clone();
+    let _writer = a.operator.lock().await;
+    let mut after = (*a.operator.current()).clone();
     let mut pins = (*after.pins).clone();
     let removed = pins.0.get_mut(service.as_str()).and_then(|k| k.remove(&key));
-    if removed.is_none() {
+    let Some(removed) = removed else {
         let in_config = config
             .pins
             .iter()
             .any(|p| p.service.as_str() == service && p.key == key);
-        let msg = if in_config {
-            format!("key `{key}` is pinned in the config file; remove it there and reload")
+        return Err(if in_config {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                format!("key `{key}` is pinned in the config file; remove it there and reload"),
+            )
         } else {
-            format!("key `{key}` of service `{service}` is not pinned")
-        };
-        return Err(ApiError::new(
-            if in_config {
-                StatusCode::CONFLICT
-            } else {
-                StatusCode::NOT_FOUND
-            },
-            msg,
-        ));
-    }
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("key `{key}` of service `{service}` is not pinned"),
+            )
+        });
+    };
     after.pins = Arc::new(pins);
-    commit(
-        &a,
-        after.clone(),
-        &who,
-        "unpin",
-        &json!({ "service": service, "key": key }),
-    )
-    .await?;
-    *op = after;
-    Ok(Json(
-        json!({ "service": service, "key": key, "unpinned": removed.map(|c| c.to_string()) }),
-    ))
+    let call = AuditCall::Unpin {
+        service: service.clone(),
+        key: key.clone(),
+    };
+    a.commit(after, &who, call).await?;
+    Ok(Json(Unpinned {
+        service,
+        key,
+        unpinned: Some(removed.to_string()),
+    }))
 }
 
-#[derive(Deserialize)]
-struct ExplainQuery {
-    service: String,
-    client: Option<String>,
-    key: Option<String>,
-    sticky: Option<String>,
-}
-
-async fn explain(State(a): Shared, Query(q): Query<ExplainQuery>) -> ApiResult {
-    let t = a.health.table();
+async fn explain(State(a): Shared, Query(q): Query<ExplainQuery>) -> ApiResult<Explanation> {
+    let s = a.snapshots.load_full();
+    let t = &s.table;
     let svc = t
         .service_idx(&q.service)
         .or_else(|| t.service_by_host(&q.service))
@@ -603,34 +612,41 @@ async fn explain(State(a): Shared, Query(q): Query<ExplainQuery>) -> ApiResult {
         Some(ip) => t.client(ip),
         None => (Client::default(), None),
     };
-    let now = now();
+    let now = a.now();
     let (sticky_cell, sticky_note) = match (&q.sticky, &a.sticky) {
-        (None, _) => (None, Value::Null),
-        (Some(_), None) => (None, json!("ignored: this edge has no sticky secret")),
+        (None, _) => (None, None),
+        (Some(_), None) => (None, Some("ignored: this edge has no sticky secret".to_owned())),
         (Some(v), Some(key)) => match key.verify(route.name.as_str(), v, now) {
             Some(tok) => (
-                Some(tok.cell.to_string()),
-                json!(format!("valid: names `{}`", tok.cell)),
+                t.cell_idx(tok.cell.as_str()),
+                Some(format!("valid: names `{}`", tok.cell)),
             ),
-            None => (None, json!("ignored: tampered, expired or for another service")),
+            None => (
+                None,
+                Some("ignored: tampered, expired or for another service".to_owned()),
+            ),
         },
     };
     let query = RouteQuery {
         service: svc,
         client,
         shard_key: q.key.as_deref(),
-        sticky_cell: sticky_cell.as_deref(),
+        sticky_cell,
         seed: 0,
         limit: Decision::CAP,
     };
-    let d = steer(&t, &query, now);
-    let candidates: Vec<Value> = d
+    let d = steer(t, &query, now);
+    let candidates = d
         .candidates()
         .iter()
-        .map(|c| json!({ "cell": t.cell(c.cell).id.as_str(), "reason": c.reason.to_string(), "why": c.reason.describe(&t) }))
+        .map(|c| CandidateView {
+            cell: t.cell(c.cell).id.to_string(),
+            reason: c.reason.to_string(),
+            why: c.reason.describe(t),
+        })
         .collect();
     let country = located.map(|l| l.country);
-    let excluded: Vec<Value> = route
+    let excluded = route
         .cells()
         .iter()
         .filter(|c| !d.candidates().iter().any(|x| x.cell == **c))
@@ -652,108 +668,69 @@ async fn explain(State(a): Shared, Query(q): Query<ExplainQuery>) -> ApiResult {
                     CellState::Eligible => "eligible, ranked below the candidates shown".into(),
                 }
             };
-            json!({ "cell": cell.id.as_str(), "why": why })
+            ExcludedView {
+                cell: cell.id.to_string(),
+                why,
+            }
         })
         .collect();
-    Ok(Json(json!({
-        "generation": t.generation,
-        "service": route.name.as_str(),
-        "policy": route.policy.to_string(),
-        "client": {
-            "ip": ip.map(|i| i.to_string()),
-            "location": located.map(|l| json!({ "lat": l.location.lat, "lon": l.location.lon })),
-            "country": located.map(|l| l.country.to_string()),
-            "matched_prefix": located.map(|l| l.prefix_len),
-            "placed_at_edge": located.is_none(),
+    Ok(Json(Explanation {
+        generation: s.generation(),
+        service: route.name.to_string(),
+        policy: route.policy.to_string(),
+        client: ClientView {
+            ip: ip.map(|i| i.to_string()),
+            location: located.map(|l| LocationView {
+                lat: l.location.lat,
+                lon: l.location.lon,
+            }),
+            country: located.map(|l| l.country.to_string()),
+            matched_prefix: located.map(|l| l.prefix_len),
+            placed_at_edge: located.is_none(),
         },
-        "shard_key": q.key,
-        "sticky": sticky_note,
-        "outcome": format!("{:?}", d.outcome).to_lowercase(),
-        "candidates": candidates,
-        "excluded": excluded,
-    })))
+        shard_key: q.key,
+        sticky: sticky_note,
+        outcome: outcome_view(d.outcome),
+        candidates,
+        excluded,
+    }))
 }
 
-async fn reload(State(a): Shared, headers: HeaderMap) -> ApiResult {
+async fn reload(State(a): Shared, headers: HeaderMap) -> ApiResult<ReloadResult> {
     let who = authorize(&a, &headers)?;
     match a.reload().await {
         Ok(report) => {
-            a.audit(&who, "reload", &json!({}), "ok");
+            a.audit(&who, AuditCall::Reload {}, "ok");
             Ok(Json(report))
         }
         Err(problems) => {
-            a.audit(&who, "reload", &json!({}), "invalid config: kept the running one");
-            Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid config: still serving the previous one",
-            )
-            .with("problems", json!(problems)))
+            a.audit(&who, AuditCall::Reload {}, "invalid config: kept the running one");
+            Err(ApiError {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                body: Box::new(ErrorBody {
+                    error: "invalid config: still serving the previous one".into(),
+                    problems,
+                    ..Default::default()
+                }),
+            })
         }
     }
 }
 
 impl Admin {
-    /// Re-reads and validates the config file. On success publishes it
-    /// (health history of unchanged cells kept) and returns what needs a
-    /// restart to take effect; on failure keeps serving the old config and
-    /// returns the same messages `cellgate check` prints.
-    pub async fn reload(&self) -> Result<Value, Vec<String>> {
-        let Some(path) = &self.config_path else {
-            return Err(vec![
-                "this edge runs a built-in config (the demo): nothing to re-read".into()
-            ]);
-        };
-        let new = match cellgate_config::load(path) {
-            Ok(c) => Arc::new(c),
-            Err(e) => {
-                metrics::counter!("cellgate_config_reloads_total", "result" => "error").increment(1);
-                tracing::error!(error = %e, "config reload failed; still serving the previous config");
-                return Err(e.to_string().lines().map(str::to_owned).collect());
-            }
-        };
-        let old = self.config.load_full();
-        let mut restart = Vec::new();
-        let (o, n) = (&old.listeners, &new.listeners);
-        let mut differs = |what: &str, a: String, b: String| {
-            if a != b {
-                restart.push(format!("{what}: {a} -> {b} (takes effect after a restart)"));
-            }
-        };
-        differs("listeners.http", format!("{:?}", o.http), format!("{:?}", n.http));
-        differs("listeners.https", format!("{:?}", o.https), format!("{:?}", n.https));
-        differs("listeners.dns", format!("{:?}", o.dns), format!("{:?}", n.dns));
-        differs("listeners.admin", format!("{:?}", o.admin), format!("{:?}", n.admin));
-        differs("listeners.tcp", format!("{:?}", o.tcp), format!("{:?}", n.tcp));
-        differs("proxy", format!("{:?}", old.proxy), format!("{:?}", new.proxy));
-        differs(
-            "sticky_secret",
-            format!("{:?}", old.sticky_secret),
-            format!("{:?}", new.sticky_secret),
-        );
-        differs(
-            "admin.state_file",
-            format!("{:?}", old.admin.state_file),
-            format!("{:?}", new.admin.state_file),
-        );
-        let mut warnings = Vec::new();
-        match crate::resolve_tokens(&new) {
-            Ok(t) => self.tokens.store(Arc::new(t)),
-            Err(e) => warnings.push(format!("{e}: kept the previous admin tokens")),
+    /// Saves `op`, publishes it (returning once new requests see it),
+    /// makes it the current state, and records the call.
+    async fn commit(&self, op: OperatorState, who: &str, call: AuditCall) -> Result<(), ApiError> {
+        if let Err(e) = self.store.save(&op) {
+            self.audit(who, call, &format!("error: {e}"));
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot persist operator state: {e}"),
+            ));
         }
-        self.health.apply_reload(new.clone()).await;
-        self.config.store(new.clone());
-        metrics::counter!("cellgate_config_reloads_total", "result" => "ok").increment(1);
-        tracing::info!(
-            cells = new.cells.len(),
-            services = new.services.len(),
-            "config reloaded"
-        );
-        Ok(json!({
-            "reloaded": path.display().to_string(),
-            "cells": new.cells.len(),
-            "services": new.services.len(),
-            "restart_required": restart,
-            "warnings": warnings,
-        }))
+        self.health.apply_operator(op.clone()).await;
+        self.operator.set(op);
+        self.audit(who, call, "ok");
+        Ok(())
     }
 }

@@ -4,18 +4,22 @@
 //! cells and their live traffic, drain (with a dry run and a blast-radius
 //! guard) and undrain, weigh, pin shard keys, explain a decision and reload
 //! the config; `/metrics` (Prometheus); `/` (a self-refreshing status page).
-//! Mutations need `Authorization: Bearer <token>` (compared in constant
-//! time), are persisted through an [`OperatorStore`] and appended to the
-//! audit log.
+//! Every body is a type of [`contract`]. Mutations need
+//! `Authorization: Bearer <token>` (compared in constant time), are
+//! persisted through an [`OperatorStore`] and appended to the audit log.
 //!
-//! Depends on `config`, `routing` and `health`; never on the proxy or DNS.
+//! Depends on `config`, `routing`, `snapshot` and `health`; never on the
+//! proxy or DNS (what a reload must reopen, such as certificates, comes in
+//! through [`Resources`]).
 
 #![forbid(unsafe_code)]
 
 mod api;
+pub mod contract;
 mod store;
 
 use std::{
+    future::Future,
     io::Write,
     net::SocketAddr,
     path::PathBuf,
@@ -23,14 +27,15 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use cellgate_config::{Config, SecretSource};
+use cellgate_config::{Config, Problem, SecretSource};
 use cellgate_health::Health;
-use cellgate_routing::{OperatorState, StickyKey};
-use metrics_exporter_prometheus::PrometheusHandle;
+use cellgate_routing::{GeoDatabase, OperatorState, StickyKey, Timestamp};
+use cellgate_snapshot::{Metrics, Snapshots};
 use sha2::{Digest, Sha256};
 
 pub use api::router;
-pub use store::{from_json, to_json, FileStore, MemoryStore, OperatorStore, StoreError};
+use contract::{AuditCall, AuditEntry, ReloadResult};
+pub use store::{decode as decode_state, encode as encode_state, FileStore, MemoryStore, OperatorStore, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -91,19 +96,91 @@ pub fn resolve_tokens(config: &Config) -> Result<Vec<Token>, Error> {
     Ok(out)
 }
 
+/// Checks the files the admin section names: the directories of the state
+/// file and the audit log must exist.
+pub fn check(config: &Config) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let mut dir_of = |key: &str, p: &Option<PathBuf>| {
+        if let Some(dir) = p.as_ref().and_then(|p| p.parent()) {
+            if !dir.as_os_str().is_empty() && !dir.is_dir() {
+                problems.push(Problem::new(
+                    key,
+                    format!("directory `{}` does not exist", dir.display()),
+                ));
+            }
+        }
+    };
+    dir_of("admin.state_file", &config.admin.state_file);
+    dir_of("admin.audit_log", &config.admin.audit_log);
+    problems
+}
+
+/// What a reload must open and check besides the config itself (the geo
+/// database, TLS certificates): the edge provides it.
+pub trait Resources: Send + Sync {
+    /// Opens and checks what `config` names, without switching to it.
+    fn prepare(&self, config: &Config) -> Result<Prepared, Vec<Problem>>;
+}
+
+/// Resources opened for a new config.
+pub struct Prepared {
+    pub geo: Option<GeoDatabase>,
+    /// Switches the listeners to the new resources (certificates); called
+    /// once the new config is published.
+    pub commit: Box<dyn FnOnce() + Send>,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("geo", &self.geo)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The operator state: writers take the lock; readers (dry runs, lists)
+/// read the current value without it.
+#[derive(Debug, Default)]
+pub struct OperatorCell {
+    writer: tokio::sync::Mutex<()>,
+    current: ArcSwap<OperatorState>,
+}
+
+impl OperatorCell {
+    pub fn new(state: OperatorState) -> Self {
+        Self {
+            writer: tokio::sync::Mutex::new(()),
+            current: ArcSwap::from_pointee(state),
+        }
+    }
+    /// The committed state.
+    pub fn current(&self) -> Arc<OperatorState> {
+        self.current.load_full()
+    }
+    /// Serialises writers; hold it from reading the state to committing.
+    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.writer.lock().await
+    }
+    fn set(&self, state: OperatorState) {
+        self.current.store(Arc::new(state));
+    }
+}
+
 /// What the admin server works with.
 pub struct Admin {
     pub health: Arc<Health>,
+    pub snapshots: Arc<Snapshots>,
     /// The config file, re-read on reload; `None` when the config was built
     /// in (the demo).
     pub config_path: Option<PathBuf>,
     pub config: ArcSwap<Config>,
-    pub operator: tokio::sync::Mutex<OperatorState>,
+    pub operator: OperatorCell,
     pub store: Box<dyn OperatorStore>,
     pub tokens: ArcSwap<Vec<Token>>,
     pub audit: Option<Mutex<std::fs::File>>,
-    pub metrics: Option<PrometheusHandle>,
+    pub metrics: Metrics,
     pub sticky: Option<StickyKey>,
+    pub resources: Arc<dyn Resources>,
 }
 
 impl std::fmt::Debug for Admin {
@@ -115,17 +192,24 @@ impl std::fmt::Debug for Admin {
 }
 
 impl Admin {
+    /// Now, on the edge clock.
+    pub fn now(&self) -> Timestamp {
+        self.snapshots.clock().now()
+    }
+
     /// Appends one mutation to the audit log and logs it.
-    pub fn audit(&self, who: &str, call: &str, args: &serde_json::Value, result: &str) {
-        let line = serde_json::json!({
-            "time_ms": cellgate_health::now_secs() * 1000,
-            "time": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-            "token": who,
-            "call": call,
-            "args": args,
-            "result": result,
-        });
-        tracing::info!(target: "cellgate::audit", token = who, call, %args, result, "admin mutation");
+    pub fn audit(&self, who: &str, call: AuditCall, result: &str) {
+        let now = self.now();
+        let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(now.as_unix_millis());
+        let entry = AuditEntry {
+            time_ms: now.as_unix_millis(),
+            time: humantime::format_rfc3339_seconds(time).to_string(),
+            token: who.to_owned(),
+            call,
+            result: result.to_owned(),
+        };
+        let line = serde_json::to_string(&entry).unwrap_or_default();
+        tracing::info!(target: "cellgate::audit", token = who, call = entry.call.name(), result, "admin mutation: {line}");
         if let Some(f) = &self.audit {
             let mut f = f.lock().unwrap_or_else(|e| e.into_inner());
             if let Err(e) = writeln!(f, "{line}").and_then(|_| f.flush()) {
@@ -133,19 +217,109 @@ impl Admin {
             }
         }
     }
+
+    /// Re-reads and validates the config file and what it names. On
+    /// success publishes it (health history of unchanged cells kept),
+    /// switches certificates, and returns what needs a restart to take
+    /// effect; on failure keeps serving the old config and returns the
+    /// same messages `cellgate check` prints.
+    pub async fn reload(&self) -> Result<ReloadResult, Vec<String>> {
+        let Some(path) = &self.config_path else {
+            return Err(vec![
+                "this edge runs a built-in config (the demo): nothing to re-read".into()
+            ]);
+        };
+        let refused = |lines: Vec<String>| {
+            self.metrics
+                .counter("cellgate_config_reloads_total", &[("result", "error")])
+                .increment(1);
+            tracing::error!(problems = ?lines, "config reload failed; still serving the previous config");
+            lines
+        };
+        let new = match cellgate_config::load(path) {
+            Ok(c) => Arc::new(c),
+            Err(e) => return Err(refused(e.to_string().lines().map(str::to_owned).collect())),
+        };
+        let mut problems = check(&new);
+        let prepared = match self.resources.prepare(&new) {
+            Ok(p) if problems.is_empty() => Some(p),
+            Ok(_) => None,
+            Err(p) => {
+                problems.extend(p);
+                None
+            }
+        };
+        let Some(prepared) = prepared else {
+            let lines = problems.iter().map(|p| format!("{}: {p}", path.display())).collect();
+            return Err(refused(lines));
+        };
+        let old = self.config.load_full();
+        let mut restart = Vec::new();
+        let (o, n) = (&old.listeners, &new.listeners);
+        let mut differs = |what: &str, changed: bool, a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| {
+            if changed {
+                restart.push(format!("{what}: {a:?} -> {b:?} (takes effect after a restart)"));
+            }
+        };
+        differs("listeners.http", o.http != n.http, &o.http, &n.http);
+        let (oa, na) = (o.https.as_ref().map(|t| t.addr), n.https.as_ref().map(|t| t.addr));
+        differs("listeners.https.listen", oa != na, &oa, &na);
+        differs("listeners.dns", o.dns != n.dns, &o.dns, &n.dns);
+        differs("listeners.admin", o.admin != n.admin, &o.admin, &n.admin);
+        differs("listeners.tcp", o.tcp != n.tcp, &o.tcp, &n.tcp);
+        differs(
+            "listeners.tls_passthrough",
+            o.tls_passthrough != n.tls_passthrough,
+            &o.tls_passthrough,
+            &n.tls_passthrough,
+        );
+        differs("proxy", old.proxy != new.proxy, &old.proxy, &new.proxy);
+        differs(
+            "sticky_secret",
+            old.sticky_secret != new.sticky_secret,
+            &old.sticky_secret,
+            &new.sticky_secret,
+        );
+        differs(
+            "admin.state_file",
+            old.admin.state_file != new.admin.state_file,
+            &old.admin.state_file,
+            &new.admin.state_file,
+        );
+        let mut warnings = Vec::new();
+        match resolve_tokens(&new) {
+            Ok(t) => self.tokens.store(Arc::new(t)),
+            Err(e) => warnings.push(format!("{e}: kept the previous admin tokens")),
+        }
+        self.health.apply_reload(new.clone(), prepared.geo).await;
+        (prepared.commit)();
+        self.config.store(new.clone());
+        self.metrics
+            .counter("cellgate_config_reloads_total", &[("result", "ok")])
+            .increment(1);
+        tracing::info!(
+            cells = new.cells.len(),
+            services = new.services.len(),
+            "config reloaded"
+        );
+        Ok(ReloadResult {
+            reloaded: path.display().to_string(),
+            cells: new.cells.len(),
+            services: new.services.len(),
+            restart_required: restart,
+            warnings,
+        })
+    }
 }
 
-/// Binds the admin listener and serves until the runtime stops.
-pub async fn serve(addr: SocketAddr, admin: Arc<Admin>) -> Result<SocketAddr, Error> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { addr, source })?;
-    let local = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
+/// Serves the admin API on a bound listener until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    admin: Arc<Admin>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
     let app = router(admin);
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "admin server stopped");
-        }
-    });
-    Ok(local)
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+        tracing::error!(error = %e, "admin server stopped");
+    }
 }

@@ -1,9 +1,11 @@
 //! Where operator state (drains, weights, pins) lives between restarts.
 //! [`FileStore`] writes JSON atomically (temp file, fsync, rename, fsync of
-//! the directory); an etcd-backed store for fleets implements the same trait.
+//! the directory). A fleet keeps its shared intent in etcd instead (per-key
+//! conditional writes, not a whole-state save); this store then keeps only
+//! what is local to the edge.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     io::Write,
     path::{Path, PathBuf},
     sync::Arc,
@@ -11,7 +13,7 @@ use std::{
 
 use cellgate_config::{CellId, ServiceName};
 use cellgate_routing::{Drain, DrainMode, OperatorState, Pins, Timestamp};
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -61,84 +63,98 @@ impl FileStore {
     }
 }
 
-pub fn to_json(s: &OperatorState) -> Value {
-    let drains: serde_json::Map<String, Value> = s
-        .drains
-        .iter()
-        .map(|(c, d)| {
-            (
-                c.to_string(),
-                json!({
-                    "mode": match d.mode { DrainMode::Soft => "soft", DrainMode::Hard => "hard" },
-                    "started_ms": d.started.as_unix_millis(),
-                    "deadline_ms": d.deadline.map(Timestamp::as_unix_millis),
-                }),
-            )
-        })
-        .collect();
-    let weights: serde_json::Map<String, Value> = s.weights.iter().map(|(c, w)| (c.to_string(), json!(w))).collect();
-    let pins: serde_json::Map<String, Value> = s
-        .pins
-        .0
-        .iter()
-        .map(|(svc, keys)| {
-            let keys: serde_json::Map<String, Value> =
-                keys.iter().map(|(k, c)| (k.clone(), json!(c.as_str()))).collect();
-            (svc.to_string(), Value::Object(keys))
-        })
-        .collect();
-    json!({ "version": 1, "drains": drains, "weights": weights, "pins": pins })
+/// The state file's format, version 1.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateFile {
+    version: u32,
+    #[serde(default)]
+    drains: BTreeMap<String, DrainRecord>,
+    #[serde(default)]
+    weights: BTreeMap<String, f64>,
+    /// service → key → cell.
+    #[serde(default)]
+    pins: BTreeMap<String, BTreeMap<String, String>>,
 }
 
-pub fn from_json(v: &Value) -> Result<OperatorState, String> {
-    let obj = v.as_object().ok_or("expected a JSON object")?;
-    if obj.get("version").and_then(Value::as_u64) != Some(1) {
-        return Err("expected \"version\": 1".into());
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DrainRecord {
+    mode: DrainMode,
+    started_ms: u64,
+    #[serde(default)]
+    deadline_ms: Option<u64>,
+}
+
+/// The state file's bytes for `s`.
+pub fn encode(s: &OperatorState) -> Vec<u8> {
+    let file = StateFile {
+        version: 1,
+        drains: s
+            .drains
+            .iter()
+            .map(|(c, d)| {
+                (
+                    c.to_string(),
+                    DrainRecord {
+                        mode: d.mode,
+                        started_ms: d.started.as_unix_millis(),
+                        deadline_ms: d.deadline.map(Timestamp::as_unix_millis),
+                    },
+                )
+            })
+            .collect(),
+        weights: s.weights.iter().map(|(c, w)| (c.to_string(), *w)).collect(),
+        pins: s
+            .pins
+            .0
+            .iter()
+            .map(|(svc, keys)| {
+                (
+                    svc.to_string(),
+                    keys.iter().map(|(k, c)| (k.clone(), c.to_string())).collect(),
+                )
+            })
+            .collect(),
+    };
+    serde_json::to_vec_pretty(&file).unwrap_or_default()
+}
+
+/// Reads a state file's bytes; the error names the offending key.
+pub fn decode(bytes: &[u8]) -> Result<OperatorState, String> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    let file: StateFile = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            e.into_inner().to_string()
+        } else {
+            format!("{path}: {}", e.into_inner())
+        }
+    })?;
+    if file.version != 1 {
+        return Err(format!("version: expected 1, got {}", file.version));
     }
     let mut s = OperatorState::default();
-    for (cell, d) in obj.get("drains").and_then(Value::as_object).into_iter().flatten() {
-        let mode = match d.get("mode").and_then(Value::as_str) {
-            Some("soft") => DrainMode::Soft,
-            Some("hard") => DrainMode::Hard,
-            other => {
-                return Err(format!(
-                    "drains.{cell}.mode: expected \"soft\" or \"hard\", got {other:?}"
-                ))
-            }
-        };
-        let started = d
-            .get("started_ms")
-            .and_then(Value::as_u64)
-            .ok_or(format!("drains.{cell}.started_ms: expected a number"))?;
-        let deadline = match d.get("deadline_ms") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(
-                v.as_u64()
-                    .ok_or(format!("drains.{cell}.deadline_ms: expected a number"))?,
-            ),
-        };
+    for (cell, d) in file.drains {
         s.drains.insert(
-            CellId::new(cell),
+            CellId::new(&cell),
             Drain {
-                mode,
-                started: Timestamp::from_unix_millis(started),
-                deadline: deadline.map(Timestamp::from_unix_millis),
+                mode: d.mode,
+                started: Timestamp::from_unix_millis(d.started_ms),
+                deadline: d.deadline_ms.map(Timestamp::from_unix_millis),
             },
         );
     }
-    for (cell, w) in obj.get("weights").and_then(Value::as_object).into_iter().flatten() {
-        let w = w
-            .as_f64()
-            .filter(|w| *w >= 0.0 && w.is_finite())
-            .ok_or(format!("weights.{cell}: expected a number >= 0"))?;
-        s.weights.insert(CellId::new(cell), w);
+    for (cell, w) in file.weights {
+        if !(w >= 0.0 && w.is_finite()) {
+            return Err(format!("weights.{cell}: expected a number >= 0, got {w}"));
+        }
+        s.weights.insert(CellId::new(&cell), w);
     }
     let mut pins = Pins(HashMap::new());
-    for (svc, keys) in obj.get("pins").and_then(Value::as_object).into_iter().flatten() {
-        let keys = keys.as_object().ok_or(format!("pins.{svc}: expected an object"))?;
+    for (svc, keys) in file.pins {
         for (k, c) in keys {
-            let c = c.as_str().ok_or(format!("pins.{svc}.{k}: expected a cell id"))?;
-            pins.insert(ServiceName::new(svc), k.clone(), CellId::new(c));
+            pins.insert(ServiceName::new(&svc), k, CellId::new(&c));
         }
     }
     s.pins = Arc::new(pins);
@@ -159,12 +175,10 @@ impl OperatorStore for FileStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(OperatorState::default()),
             Err(e) => return Err(io(&self.path)(e)),
         };
-        let corrupt = |reason: String| StoreError::Corrupt {
+        decode(text.as_bytes()).map_err(|reason| StoreError::Corrupt {
             path: self.path.clone(),
             reason,
-        };
-        let v: Value = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
-        from_json(&v).map_err(corrupt)
+        })
     }
 
     fn save(&self, state: &OperatorState) -> Result<(), StoreError> {
@@ -178,7 +192,7 @@ impl OperatorStore for FileStore {
             self.path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
             std::process::id()
         ));
-        let body = serde_json::to_vec_pretty(&to_json(state)).unwrap_or_default();
+        let body = encode(state);
         {
             let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
             f.write_all(&body).map_err(io(&tmp))?;
@@ -226,7 +240,7 @@ mod tests {
         assert_eq!(back.pins, s.pins);
         std::fs::write(
             dir.path().join("state.json"),
-            "{\"version\": 1, \"drains\": {\"eu\": {\"mode\": \"gentle\"}}}",
+            "{\"version\": 1, \"drains\": {\"eu\": {\"mode\": \"gentle\", \"started_ms\": 1}}}",
         )
         .expect("write");
         let e = store.load().expect_err("corrupt");

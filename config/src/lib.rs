@@ -7,15 +7,17 @@
 //! file, the key path (`services[1].cells[2]`) and what was expected, for
 //! every problem found.
 //!
-//! This crate does no I/O beyond reading the config file and checking that
-//! the files it names exist. It must never depend on the other cellgate
-//! crates.
+//! This crate does no I/O beyond [`load`] reading the config file itself:
+//! [`parse`] never touches the file system. Files the config names (TLS
+//! certificates, the geo database, secrets, the state file) are opened and
+//! checked by the components that use them, which report [`Problem`]s with
+//! the same key paths. It must never depend on the other cellgate crates.
 
 #![forbid(unsafe_code)]
 
 mod load;
 mod model;
-mod raw;
+pub mod raw;
 
 use std::{fmt, path::PathBuf};
 
@@ -30,6 +32,17 @@ pub struct Problem {
     /// 1-based line in the file, when known.
     pub line: Option<usize>,
     pub message: String,
+}
+
+impl Problem {
+    /// A problem at `key` (a key path such as `listeners.https.cert`).
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            line: None,
+            message: message.into(),
+        }
+    }
 }
 
 impl fmt::Display for Problem {

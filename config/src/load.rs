@@ -2,7 +2,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -63,6 +63,15 @@ struct Validator {
     problems: Vec<Problem>,
 }
 
+/// Names, hosts and DNS names already taken by earlier services, with the
+/// index of the service that took them.
+#[derive(Default)]
+struct ServiceNames {
+    names: HashMap<String, usize>,
+    hosts: HashMap<HostPattern, usize>,
+    dns_names: HashMap<String, usize>,
+}
+
 impl Validator {
     fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
         self.problems.push(Problem {
@@ -118,23 +127,16 @@ impl Validator {
         }
     }
 
-    fn writable_path(&mut self, key: &str, s: &str) -> PathBuf {
-        let p = self.base.join(s);
-        match p.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
-                self.problem(key, format!("directory `{}` does not exist", dir.display()));
-            }
-            _ => {}
-        }
-        p
+    /// A path from the file, relative to the file's directory. Whether it
+    /// exists (or its directory does) is checked by the component that
+    /// uses it: parsing never touches the file system.
+    fn path(&self, s: &str) -> PathBuf {
+        self.base.join(s)
     }
 
     fn admin(&mut self, raw: &RawAdmin) -> Admin {
-        let state_file = raw
-            .state_file
-            .as_ref()
-            .map(|s| self.writable_path("admin.state_file", s));
-        let audit_log = raw.audit_log.as_ref().map(|s| self.writable_path("admin.audit_log", s));
+        let state_file = raw.state_file.as_ref().map(|s| self.path(s));
+        let audit_log = raw.audit_log.as_ref().map(|s| self.path(s));
         let mut tokens = Vec::new();
         for (i, t) in raw.tokens.iter().enumerate() {
             let key = format!("admin.tokens[{i}]");
@@ -174,57 +176,15 @@ impl Validator {
         }
         let mut zones: Vec<Zone> = Vec::new();
         for (i, z) in raw.zones.iter().enumerate() {
-            let key = format!("dns.zones[{i}]");
-            let Some(origin) = dns_name(&z.origin) else {
-                self.problem(format!("{key}.origin"), format!("invalid DNS name `{}`", z.origin));
-                continue;
-            };
-            if zones.iter().any(|o| o.origin == origin) {
-                self.problem(format!("{key}.origin"), format!("zone `{origin}` is defined twice"));
-            }
-            let mut ns = Vec::new();
-            for (j, n) in z.ns.iter().enumerate() {
-                match dns_name(n) {
-                    Some(n) => ns.push(n),
-                    None => self.problem(format!("{key}.ns[{j}]"), format!("invalid DNS name `{n}`")),
+            if let Some(zone) = self.zone(&format!("dns.zones[{i}]"), z) {
+                if zones.iter().any(|o| o.origin == zone.origin) {
+                    self.problem(
+                        format!("dns.zones[{i}].origin"),
+                        format!("zone `{}` is defined twice", zone.origin),
+                    );
                 }
+                zones.push(zone);
             }
-            if z.ns.is_empty() {
-                self.problem(format!("{key}.ns"), "a zone needs at least one name server");
-            }
-            let mname = match z.soa.mname.as_deref().map(dns_name) {
-                None => ns.first().cloned().unwrap_or_else(|| origin.clone()),
-                Some(Some(m)) => m,
-                Some(None) => {
-                    self.problem(format!("{key}.soa.mname"), "invalid DNS name");
-                    origin.clone()
-                }
-            };
-            let rname = dns_name(&z.soa.rname).unwrap_or_else(|| {
-                self.problem(
-                    format!("{key}.soa.rname"),
-                    format!(
-                        "invalid mailbox `{}`: expected a DNS name like \"hostmaster.example.com\"",
-                        z.soa.rname
-                    ),
-                );
-                origin.clone()
-            });
-            let s = &z.soa;
-            let dur = |v: &mut Self, f: &str, x: &Option<String>, dflt: u64| {
-                v.duration(&format!("{key}.soa.{f}"), x.as_ref(), Duration::from_secs(dflt))
-            };
-            let soa = Soa {
-                mname,
-                rname,
-                serial: s.serial.unwrap_or(1),
-                refresh: dur(self, "refresh", &s.refresh, 3600),
-                retry: dur(self, "retry", &s.retry, 600),
-                expire: dur(self, "expire", &s.expire, 1_209_600),
-                minimum: dur(self, "minimum", &s.minimum, 30),
-            };
-            let ttl = self.duration(&format!("{key}.ttl"), z.ttl.as_ref(), Duration::from_secs(3600));
-            zones.push(Zone { origin, ns, soa, ttl });
         }
         if listening && zones.is_empty() {
             self.problem("listeners.dns", "a DNS listener needs at least one `[[dns.zones]]`");
@@ -247,6 +207,56 @@ impl Validator {
             max_udp_payload: max_udp_payload.clamp(512, 4096),
             zones,
         }
+    }
+
+    fn zone(&mut self, key: &str, z: &RawZone) -> Option<Zone> {
+        let Some(origin) = dns_name(&z.origin) else {
+            self.problem(format!("{key}.origin"), format!("invalid DNS name `{}`", z.origin));
+            return None;
+        };
+        let mut ns = Vec::new();
+        for (j, n) in z.ns.iter().enumerate() {
+            match dns_name(n) {
+                Some(n) => ns.push(n),
+                None => self.problem(format!("{key}.ns[{j}]"), format!("invalid DNS name `{n}`")),
+            }
+        }
+        if z.ns.is_empty() {
+            self.problem(format!("{key}.ns"), "a zone needs at least one name server");
+        }
+        let mname = match z.soa.mname.as_deref().map(dns_name) {
+            None => ns.first().cloned().unwrap_or_else(|| origin.clone()),
+            Some(Some(m)) => m,
+            Some(None) => {
+                self.problem(format!("{key}.soa.mname"), "invalid DNS name");
+                origin.clone()
+            }
+        };
+        let rname = dns_name(&z.soa.rname).unwrap_or_else(|| {
+            self.problem(
+                format!("{key}.soa.rname"),
+                format!(
+                    "invalid mailbox `{}`: expected a DNS name like \"hostmaster.example.com\"",
+                    z.soa.rname
+                ),
+            );
+            origin.clone()
+        });
+        let s = &z.soa;
+        let dur = |v: &mut Self, f: &str, x: &Option<String>, dflt: u64| {
+            v.duration(&format!("{key}.soa.{f}"), x.as_ref(), Duration::from_secs(dflt))
+        };
+        let soa = Soa {
+            mname,
+            rname,
+            serial: s.serial.unwrap_or(1),
+            refresh: dur(self, "refresh", &s.refresh, 3600),
+            retry: dur(self, "retry", &s.retry, 600),
+            expire: dur(self, "expire", &s.expire, 1_209_600),
+            minimum: dur(self, "minimum", &s.minimum, 30),
+        };
+        let ttl = self.duration(&format!("{key}.ttl"), z.ttl.as_ref(), Duration::from_secs(3600));
+        Some(Zone { origin, ns, soa, ttl })
     }
 
     fn proxy(&mut self, raw: &RawProxy) -> ProxySettings {
@@ -383,14 +393,6 @@ impl Validator {
         }
     }
 
-    fn existing_file(&mut self, key: &str, s: &str) -> PathBuf {
-        let p = self.base.join(s);
-        if !p.is_file() {
-            self.problem(key, format!("file `{}` does not exist", p.display()));
-        }
-        p
-    }
-
     fn country(&mut self, key: &str, s: &str) -> Country {
         Country::parse(s).unwrap_or_else(|| {
             self.problem(
@@ -470,316 +472,366 @@ impl Validator {
         let mut cells = Vec::with_capacity(raw.len());
         for (i, c) in raw.iter().enumerate() {
             let key = format!("cells[{i}]");
-            if !valid_id(&c.id) {
-                self.problem(
-                    format!("{key}.id"),
-                    format!("invalid cell id `{}`: expected letters, digits, `-`, `_` or `.`", c.id),
-                );
-            }
             if let Some(first) = seen.insert(c.id.clone(), i) {
                 self.problem(
                     format!("{key}.id"),
                     format!("duplicate cell id `{}` (first defined at cells[{first}])", c.id),
                 );
             }
-            let location = self.point(&format!("{key}.location"), c.location);
-            let country = self.country(&format!("{key}.country"), &c.country);
-            let capacity = c.capacity.unwrap_or(1.0);
-            if !(capacity > 0.0 && capacity.is_finite()) {
-                self.problem(
-                    format!("{key}.capacity"),
-                    format!("capacity {capacity} must be a positive number"),
-                );
-            }
-            let load_limit = c.load_limit.unwrap_or(1.0);
-            if !(load_limit > 0.0 && load_limit <= 1.0) {
-                self.problem(
-                    format!("{key}.load_limit"),
-                    format!("load limit {load_limit} is out of range: expected a value in (0, 1]"),
-                );
-            }
-            let http = c
-                .http
-                .iter()
-                .enumerate()
-                .filter_map(|(j, a)| self.socket_addr(&format!("{key}.http[{j}]"), a))
-                .collect::<Vec<_>>();
-            let tcp = c
-                .tcp
-                .iter()
-                .enumerate()
-                .filter_map(|(j, a)| self.socket_addr(&format!("{key}.tcp[{j}]"), a))
-                .collect::<Vec<_>>();
-            if c.http.is_empty() && c.tcp.is_empty() {
-                self.problem(&key, format!("cell `{}` has no `http` or `tcp` endpoints", c.id));
-            }
-            let mut dns_v4 = Vec::new();
-            let mut dns_v6 = Vec::new();
-            for (j, a) in c.dns.iter().enumerate() {
-                match a.parse::<IpAddr>() {
-                    Ok(IpAddr::V4(a)) => dns_v4.push(a),
-                    Ok(IpAddr::V6(a)) => dns_v6.push(a),
-                    Err(_) => self.problem(
-                        format!("{key}.dns[{j}]"),
-                        format!("invalid IP address `{a}`: expected an IPv4 or IPv6 address"),
-                    ),
-                }
-            }
-            let health = match &c.health {
-                Some(h) => self.health(&format!("{key}.health"), h, health_defaults),
-                None => health_defaults.clone(),
-            };
-            if health.kind == HealthKind::Http && http.is_empty() && !tcp.is_empty() {
-                self.problem(
-                    format!("{key}.health.kind"),
-                    "an `http` health check needs `http` endpoints; use kind = \"tcp\"",
-                );
-            }
-            let http_host = c.http_host.as_ref().and_then(|h| {
-                let name = h
-                    .rsplit_once(':')
-                    .filter(|(_, p)| p.parse::<u16>().is_ok())
-                    .map_or(h.as_str(), |(n, _)| n);
-                if dns_name(name).is_some() || name.parse::<std::net::IpAddr>().is_ok() {
-                    Some(h.clone())
-                } else {
-                    self.problem(
-                        format!("{key}.http_host"),
-                        format!("invalid host `{h}`: expected a name like \"app.internal\", optionally with :port"),
-                    );
-                    None
-                }
-            });
-            cells.push(Cell {
-                id: CellId::new(&c.id),
-                http_host,
-                region: c.region.clone(),
-                location,
-                country,
-                capacity,
-                load_limit,
-                http,
-                tcp,
-                dns_v4,
-                dns_v6,
-                health,
-            });
+            cells.push(self.cell(&key, c, health_defaults));
         }
         cells
     }
 
-    fn services(&mut self, raw: &[RawService], cell_ids: &HashSet<&str>) -> Vec<Service> {
-        let mut names = HashMap::new();
-        let mut hosts: HashMap<HostPattern, usize> = HashMap::new();
-        let mut dns_names: HashMap<String, usize> = HashMap::new();
-        let mut services = Vec::with_capacity(raw.len());
-        for (i, s) in raw.iter().enumerate() {
-            let key = format!("services[{i}]");
-            if !valid_id(&s.name) {
-                self.problem(
-                    format!("{key}.name"),
-                    format!(
-                        "invalid service name `{}`: expected letters, digits, `-`, `_` or `.`",
-                        s.name
-                    ),
-                );
-            }
-            if let Some(first) = names.insert(s.name.clone(), i) {
-                self.problem(
-                    format!("{key}.name"),
-                    format!("duplicate service `{}` (first defined at services[{first}])", s.name),
-                );
-            }
-            let mut host_patterns = Vec::new();
-            for (j, h) in s.hosts.iter().enumerate() {
-                let hkey = format!("{key}.hosts[{j}]");
-                let Some(p) = host_pattern(h) else {
-                    self.problem(
-                        hkey,
-                        format!(
-                            "invalid host `{h}`: expected a DNS name like \"app.example.com\" or \"*.example.com\""
-                        ),
-                    );
-                    continue;
-                };
-                match hosts.get(&p) {
-                    Some(&other) if other != i => self.problem(
-                        hkey,
-                        format!("host `{p}` is already used by service `{}`", raw[other].name),
-                    ),
-                    Some(_) => self.problem(hkey, format!("host `{p}` is listed twice")),
-                    None => {
-                        hosts.insert(p.clone(), i);
-                        host_patterns.push(p);
-                    }
-                }
-            }
-            let dns_name = s.dns_name.as_ref().and_then(|n| match dns_name(n) {
-                Some(n) => {
-                    if let Some(&other) = dns_names.get(&n) {
-                        self.problem(
-                            format!("{key}.dns_name"),
-                            format!("DNS name `{n}` is already used by service `{}`", raw[other].name),
-                        );
-                    }
-                    dns_names.insert(n.clone(), i);
-                    Some(n)
-                }
-                None => {
-                    self.problem(format!("{key}.dns_name"), format!("invalid DNS name `{n}`"));
-                    None
-                }
-            });
-            if s.cells.is_empty() {
-                self.problem(
-                    format!("{key}.cells"),
-                    format!("service `{}` has no cells: expected at least one cell id", s.name),
-                );
-            }
-            let mut cells: Vec<CellId> = Vec::new();
-            for (j, c) in s.cells.iter().enumerate() {
-                let ckey = format!("{key}.cells[{j}]");
-                if !cell_ids.contains(c.as_str()) {
-                    self.problem(ckey, format!("cell `{c}` in service `{}` is not defined", s.name));
-                } else if cells.iter().any(|x| x.as_str() == c) {
-                    self.problem(ckey, format!("cell `{c}` is listed twice"));
-                } else {
-                    cells.push(CellId::new(c));
-                }
-            }
-            let serves = |c: &str| s.cells.iter().any(|x| x == c);
-            let policy = match s.policy {
-                RawPolicy::Latency => Policy::Latency,
-                RawPolicy::Geo => Policy::Geo,
-                RawPolicy::Weighted => Policy::Weighted,
-                RawPolicy::Failover => Policy::Failover,
-            };
-            let sticky = s.sticky.as_ref().map(|st| {
-                if !valid_cookie_name(&st.cookie) {
-                    self.problem(
-                        format!("{key}.sticky.cookie"),
-                        format!("invalid cookie name `{}`", st.cookie),
-                    );
-                }
-                let ttl = self.duration(&format!("{key}.sticky.ttl"), st.ttl.as_ref(), Duration::from_secs(3600));
-                if ttl < Duration::from_secs(1) {
-                    self.problem(format!("{key}.sticky.ttl"), "must be at least 1s");
-                }
-                Sticky {
-                    cookie: st.cookie.clone(),
-                    ttl,
-                }
-            });
-            let shard_key = s.shard_key.as_ref().and_then(|k| {
-                let kkey = format!("{key}.shard_key");
-                Some(match k {
-                    RawShardKey::Header(h) if valid_header_name(h) => ShardKeySource::Header(h.to_ascii_lowercase()),
-                    RawShardKey::Header(h) => {
-                        self.problem(kkey, format!("invalid header name `{h}`"));
-                        return None;
-                    }
-                    RawShardKey::Cookie(c) if valid_cookie_name(c) => ShardKeySource::Cookie(c.clone()),
-                    RawShardKey::Cookie(c) => {
-                        self.problem(kkey, format!("invalid cookie name `{c}`"));
-                        return None;
-                    }
-                    RawShardKey::PathSegment(n) => match usize::try_from(*n) {
-                        Ok(n) => ShardKeySource::PathSegment(n),
-                        Err(_) => {
-                            self.problem(kkey, format!("path segment {n} must be 0 or more"));
-                            return None;
-                        }
-                    },
-                    RawShardKey::Query(q) if !q.is_empty() => ShardKeySource::Query(q.clone()),
-                    RawShardKey::Query(_) => {
-                        self.problem(kkey, "query parameter name must not be empty");
-                        return None;
-                    }
-                    RawShardKey::Sni => ShardKeySource::Sni,
-                    RawShardKey::ClientAddr => ShardKeySource::ClientAddr,
-                })
-            });
-            let mut residency = Vec::new();
-            let mut countries_seen = HashSet::new();
-            for (j, r) in s.residency.iter().enumerate() {
-                let rkey = format!("{key}.residency[{j}]");
-                let mut countries = Vec::new();
-                for (k, c) in r.countries.iter().enumerate() {
-                    let c = self.country(&format!("{rkey}.countries[{k}]"), c);
-                    if !countries_seen.insert(c) {
-                        self.problem(
-                            format!("{rkey}.countries[{k}]"),
-                            format!("country `{c}` already has a residency rule in this service"),
-                        );
-                    }
-                    countries.push(c);
-                }
-                let mut rcells = Vec::new();
-                for (k, c) in r.cells.iter().enumerate() {
-                    if serves(c) {
-                        rcells.push(CellId::new(c));
-                    } else {
-                        self.problem(
-                            format!("{rkey}.cells[{k}]"),
-                            format!("cell `{c}` does not serve service `{}`", s.name),
-                        );
-                    }
-                }
-                if r.countries.is_empty() || r.cells.is_empty() {
-                    self.problem(rkey, "a residency rule needs at least one country and one cell");
-                }
-                residency.push(Residency {
-                    countries,
-                    cells: rcells,
-                });
-            }
-            let all_down = match &s.all_down {
-                None | Some(RawAllDown::Open) => AllDown::Open,
-                Some(RawAllDown::Closed) => AllDown::Closed,
-                Some(RawAllDown::Fallback(c)) => {
-                    if !serves(c) {
-                        self.problem(
-                            format!("{key}.all_down.fallback"),
-                            format!("fallback cell `{c}` does not serve service `{}`", s.name),
-                        );
-                    }
-                    AllDown::Fallback(CellId::new(c))
-                }
-            };
-            let dns_ttl = self.duration(&format!("{key}.dns_ttl"), s.dns_ttl.as_ref(), Service::DEFAULT_DNS_TTL);
-            let dns_degraded_ttl = self.duration(
-                &format!("{key}.dns_degraded_ttl"),
-                s.dns_degraded_ttl.as_ref(),
-                Service::DEFAULT_DNS_DEGRADED_TTL,
+    fn cell(&mut self, key: &str, c: &RawCell, health_defaults: &HealthCheck) -> Cell {
+        if !valid_id(&c.id) {
+            self.problem(
+                format!("{key}.id"),
+                format!("invalid cell id `{}`: expected letters, digits, `-`, `_` or `.`", c.id),
             );
-            let dns_answers = match s.dns_answers {
-                None => 1,
-                Some(n) if (1..=8).contains(&n) => n as usize,
-                Some(n) => {
-                    self.problem(
-                        format!("{key}.dns_answers"),
-                        format!("{n} is out of range: expected 1 to 8"),
-                    );
-                    1
-                }
-            };
-            services.push(Service {
-                name: ServiceName::new(&s.name),
-                hosts: host_patterns,
-                dns_name,
-                cells,
-                policy,
-                sticky,
-                shard_key,
-                residency,
-                all_down,
-                dns_ttl,
-                dns_degraded_ttl,
-                dns_answers,
-                proxy_protocol: s.proxy_protocol,
-            });
         }
-        services
+        let location = self.point(&format!("{key}.location"), c.location);
+        let country = self.country(&format!("{key}.country"), &c.country);
+        let capacity = c.capacity.unwrap_or(1.0);
+        if !(capacity > 0.0 && capacity.is_finite()) {
+            self.problem(
+                format!("{key}.capacity"),
+                format!("capacity {capacity} must be a positive number"),
+            );
+        }
+        let load_limit = c.load_limit.unwrap_or(1.0);
+        if !(load_limit > 0.0 && load_limit <= 1.0) {
+            self.problem(
+                format!("{key}.load_limit"),
+                format!("load limit {load_limit} is out of range: expected a value in (0, 1]"),
+            );
+        }
+        let http = self.socket_addrs(&format!("{key}.http"), &c.http);
+        let tcp = self.socket_addrs(&format!("{key}.tcp"), &c.tcp);
+        if c.http.is_empty() && c.tcp.is_empty() {
+            self.problem(key, format!("cell `{}` has no `http` or `tcp` endpoints", c.id));
+        }
+        let (dns_v4, dns_v6) = self.cell_dns_addrs(key, &c.dns);
+        let health = match &c.health {
+            Some(h) => self.health(&format!("{key}.health"), h, health_defaults),
+            None => health_defaults.clone(),
+        };
+        if health.kind == HealthKind::Http && http.is_empty() && !tcp.is_empty() {
+            self.problem(
+                format!("{key}.health.kind"),
+                "an `http` health check needs `http` endpoints; use kind = \"tcp\"",
+            );
+        }
+        let http_host = c
+            .http_host
+            .as_ref()
+            .and_then(|h| self.http_host(&format!("{key}.http_host"), h));
+        Cell {
+            id: CellId::new(&c.id),
+            http_host,
+            region: c.region.clone(),
+            location,
+            country,
+            capacity,
+            load_limit,
+            http,
+            tcp,
+            dns_v4,
+            dns_v6,
+            health,
+        }
+    }
+
+    fn socket_addrs(&mut self, key: &str, raw: &[String]) -> Vec<SocketAddr> {
+        raw.iter()
+            .enumerate()
+            .filter_map(|(j, a)| self.socket_addr(&format!("{key}[{j}]"), a))
+            .collect()
+    }
+
+    fn cell_dns_addrs(&mut self, key: &str, raw: &[String]) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        for (j, a) in raw.iter().enumerate() {
+            match a.parse::<IpAddr>() {
+                Ok(IpAddr::V4(a)) => v4.push(a),
+                Ok(IpAddr::V6(a)) => v6.push(a),
+                Err(_) => self.problem(
+                    format!("{key}.dns[{j}]"),
+                    format!("invalid IP address `{a}`: expected an IPv4 or IPv6 address"),
+                ),
+            }
+        }
+        (v4, v6)
+    }
+
+    fn http_host(&mut self, key: &str, h: &str) -> Option<String> {
+        let name = h
+            .rsplit_once(':')
+            .filter(|(_, p)| p.parse::<u16>().is_ok())
+            .map_or(h, |(n, _)| n);
+        if dns_name(name).is_some() || name.parse::<IpAddr>().is_ok() {
+            Some(h.to_owned())
+        } else {
+            self.problem(
+                key,
+                format!("invalid host `{h}`: expected a name like \"app.internal\", optionally with :port"),
+            );
+            None
+        }
+    }
+
+    fn services(&mut self, raw: &[RawService], cell_ids: &HashSet<&str>) -> Vec<Service> {
+        let mut seen = ServiceNames::default();
+        raw.iter()
+            .enumerate()
+            .map(|(i, s)| self.service(&format!("services[{i}]"), i, s, raw, cell_ids, &mut seen))
+            .collect()
+    }
+
+    fn service(
+        &mut self,
+        key: &str,
+        i: usize,
+        s: &RawService,
+        all: &[RawService],
+        cell_ids: &HashSet<&str>,
+        seen: &mut ServiceNames,
+    ) -> Service {
+        if !valid_id(&s.name) {
+            self.problem(
+                format!("{key}.name"),
+                format!(
+                    "invalid service name `{}`: expected letters, digits, `-`, `_` or `.`",
+                    s.name
+                ),
+            );
+        }
+        if let Some(first) = seen.names.insert(s.name.clone(), i) {
+            self.problem(
+                format!("{key}.name"),
+                format!("duplicate service `{}` (first defined at services[{first}])", s.name),
+            );
+        }
+        let hosts = self.service_hosts(key, i, s, all, seen);
+        let dns_name = self.service_dns_name(key, i, s, all, seen);
+        let cells = self.service_cells(key, s, cell_ids);
+        let policy = match s.policy {
+            RawPolicy::Latency => Policy::Latency,
+            RawPolicy::Geo => Policy::Geo,
+            RawPolicy::Weighted => Policy::Weighted,
+            RawPolicy::Failover => Policy::Failover,
+        };
+        let sticky = s.sticky.as_ref().map(|st| self.sticky(&format!("{key}.sticky"), st));
+        let shard_key = s
+            .shard_key
+            .as_ref()
+            .and_then(|k| self.shard_key(&format!("{key}.shard_key"), k));
+        let residency = self.residency(key, s);
+        let all_down = self.all_down(key, s);
+        let dns_ttl = self.duration(&format!("{key}.dns_ttl"), s.dns_ttl.as_ref(), Service::DEFAULT_DNS_TTL);
+        let dns_degraded_ttl = self.duration(
+            &format!("{key}.dns_degraded_ttl"),
+            s.dns_degraded_ttl.as_ref(),
+            Service::DEFAULT_DNS_DEGRADED_TTL,
+        );
+        let dns_answers = match s.dns_answers {
+            None => 1,
+            Some(n) if (1..=8).contains(&n) => n as usize,
+            Some(n) => {
+                self.problem(
+                    format!("{key}.dns_answers"),
+                    format!("{n} is out of range: expected 1 to 8"),
+                );
+                1
+            }
+        };
+        Service {
+            name: ServiceName::new(&s.name),
+            hosts,
+            dns_name,
+            cells,
+            policy,
+            sticky,
+            shard_key,
+            residency,
+            all_down,
+            dns_ttl,
+            dns_degraded_ttl,
+            dns_answers,
+            proxy_protocol: s.proxy_protocol,
+        }
+    }
+
+    fn service_hosts(
+        &mut self,
+        key: &str,
+        i: usize,
+        s: &RawService,
+        all: &[RawService],
+        seen: &mut ServiceNames,
+    ) -> Vec<HostPattern> {
+        let mut patterns = Vec::new();
+        for (j, h) in s.hosts.iter().enumerate() {
+            let hkey = format!("{key}.hosts[{j}]");
+            let Some(p) = host_pattern(h) else {
+                self.problem(
+                    hkey,
+                    format!("invalid host `{h}`: expected a DNS name like \"app.example.com\" or \"*.example.com\""),
+                );
+                continue;
+            };
+            match seen.hosts.get(&p) {
+                Some(&other) if other != i => self.problem(
+                    hkey,
+                    format!("host `{p}` is already used by service `{}`", all[other].name),
+                ),
+                Some(_) => self.problem(hkey, format!("host `{p}` is listed twice")),
+                None => {
+                    seen.hosts.insert(p.clone(), i);
+                    patterns.push(p);
+                }
+            }
+        }
+        patterns
+    }
+
+    fn service_dns_name(
+        &mut self,
+        key: &str,
+        i: usize,
+        s: &RawService,
+        all: &[RawService],
+        seen: &mut ServiceNames,
+    ) -> Option<String> {
+        let n = s.dns_name.as_ref()?;
+        let Some(n) = dns_name(n) else {
+            self.problem(format!("{key}.dns_name"), format!("invalid DNS name `{n}`"));
+            return None;
+        };
+        if let Some(&other) = seen.dns_names.get(&n) {
+            self.problem(
+                format!("{key}.dns_name"),
+                format!("DNS name `{n}` is already used by service `{}`", all[other].name),
+            );
+        }
+        seen.dns_names.insert(n.clone(), i);
+        Some(n)
+    }
+
+    fn service_cells(&mut self, key: &str, s: &RawService, cell_ids: &HashSet<&str>) -> Vec<CellId> {
+        if s.cells.is_empty() {
+            self.problem(
+                format!("{key}.cells"),
+                format!("service `{}` has no cells: expected at least one cell id", s.name),
+            );
+        }
+        let mut cells: Vec<CellId> = Vec::new();
+        for (j, c) in s.cells.iter().enumerate() {
+            let ckey = format!("{key}.cells[{j}]");
+            if !cell_ids.contains(c.as_str()) {
+                self.problem(ckey, format!("cell `{c}` in service `{}` is not defined", s.name));
+            } else if cells.iter().any(|x| x.as_str() == c) {
+                self.problem(ckey, format!("cell `{c}` is listed twice"));
+            } else {
+                cells.push(CellId::new(c));
+            }
+        }
+        cells
+    }
+
+    fn sticky(&mut self, key: &str, st: &RawSticky) -> Sticky {
+        if !valid_cookie_name(&st.cookie) {
+            self.problem(format!("{key}.cookie"), format!("invalid cookie name `{}`", st.cookie));
+        }
+        let ttl = self.duration(&format!("{key}.ttl"), st.ttl.as_ref(), Duration::from_secs(3600));
+        if ttl < Duration::from_secs(1) {
+            self.problem(format!("{key}.ttl"), "must be at least 1s");
+        }
+        Sticky {
+            cookie: st.cookie.clone(),
+            ttl,
+        }
+    }
+
+    fn shard_key(&mut self, key: &str, k: &RawShardKey) -> Option<ShardKeySource> {
+        Some(match k {
+            RawShardKey::Header(h) if valid_header_name(h) => ShardKeySource::Header(h.to_ascii_lowercase()),
+            RawShardKey::Header(h) => {
+                self.problem(key, format!("invalid header name `{h}`"));
+                return None;
+            }
+            RawShardKey::Cookie(c) if valid_cookie_name(c) => ShardKeySource::Cookie(c.clone()),
+            RawShardKey::Cookie(c) => {
+                self.problem(key, format!("invalid cookie name `{c}`"));
+                return None;
+            }
+            RawShardKey::PathSegment(n) => match usize::try_from(*n) {
+                Ok(n) => ShardKeySource::PathSegment(n),
+                Err(_) => {
+                    self.problem(key, format!("path segment {n} must be 0 or more"));
+                    return None;
+                }
+            },
+            RawShardKey::Query(q) if !q.is_empty() => ShardKeySource::Query(q.clone()),
+            RawShardKey::Query(_) => {
+                self.problem(key, "query parameter name must not be empty");
+                return None;
+            }
+            RawShardKey::Sni => ShardKeySource::Sni,
+            RawShardKey::ClientAddr => ShardKeySource::ClientAddr,
+        })
+    }
+
+    fn residency(&mut self, key: &str, s: &RawService) -> Vec<Residency> {
+        let serves = |c: &str| s.cells.iter().any(|x| x == c);
+        let mut residency = Vec::new();
+        let mut countries_seen = HashSet::new();
+        for (j, r) in s.residency.iter().enumerate() {
+            let rkey = format!("{key}.residency[{j}]");
+            let mut countries = Vec::new();
+            for (k, c) in r.countries.iter().enumerate() {
+                let c = self.country(&format!("{rkey}.countries[{k}]"), c);
+                if !countries_seen.insert(c) {
+                    self.problem(
+                        format!("{rkey}.countries[{k}]"),
+                        format!("country `{c}` already has a residency rule in this service"),
+                    );
+                }
+                countries.push(c);
+            }
+            let mut cells = Vec::new();
+            for (k, c) in r.cells.iter().enumerate() {
+                if serves(c) {
+                    cells.push(CellId::new(c));
+                } else {
+                    self.problem(
+                        format!("{rkey}.cells[{k}]"),
+                        format!("cell `{c}` does not serve service `{}`", s.name),
+                    );
+                }
+            }
+            if r.countries.is_empty() || r.cells.is_empty() {
+                self.problem(rkey, "a residency rule needs at least one country and one cell");
+            }
+            residency.push(Residency { countries, cells });
+        }
+        residency
+    }
+
+    fn all_down(&mut self, key: &str, s: &RawService) -> AllDown {
+        match &s.all_down {
+            None | Some(RawAllDown::Open) => AllDown::Open,
+            Some(RawAllDown::Closed) => AllDown::Closed,
+            Some(RawAllDown::Fallback(c)) => {
+                if !s.cells.iter().any(|x| x == c) {
+                    self.problem(
+                        format!("{key}.all_down.fallback"),
+                        format!("fallback cell `{c}` does not serve service `{}`", s.name),
+                    );
+                }
+                AllDown::Fallback(CellId::new(c))
+            }
+        }
     }
 
     fn listeners(&mut self, raw: &RawListeners, services: &[Service]) -> Listeners {
@@ -787,8 +839,7 @@ impl Validator {
             http: raw.http.as_ref().and_then(|a| self.socket_addr("listeners.http", a)),
             https: raw.https.as_ref().and_then(|t| {
                 let addr = self.socket_addr("listeners.https.listen", &t.listen);
-                let cert = self.existing_file("listeners.https.cert", &t.cert);
-                let key = self.existing_file("listeners.https.key", &t.key);
+                let (cert, key) = (self.path(&t.cert), self.path(&t.key));
                 addr.map(|addr| TlsListener { addr, cert, key })
             }),
             dns: raw.dns.as_ref().and_then(|a| self.socket_addr("listeners.dns", a)),
@@ -831,6 +882,10 @@ impl Validator {
         tcp_addrs.extend(tls_keys.iter().zip(&l.tls_passthrough).map(|(k, a)| (k.as_str(), *a)));
         let mut clashes = Vec::new();
         for (i, (ka, a)) in tcp_addrs.iter().enumerate() {
+            // Port 0 asks the system for a free port each time: never a clash.
+            if a.port() == 0 {
+                continue;
+            }
             if let Some((kb, _)) = tcp_addrs[..i].iter().find(|(_, b)| b == a) {
                 clashes.push((ka.to_string(), format!("address {a} is already used by {kb}")));
             }
@@ -877,20 +932,7 @@ impl Validator {
     }
 
     fn geo(&mut self, raw: &RawGeo) -> Geo {
-        let mmdb = raw.mmdb.as_ref().map(|m| self.existing_file("geo.mmdb", m));
-        let database = mmdb
-            .as_ref()
-            .filter(|p| p.is_file())
-            .and_then(|p| match GeoDatabase::open(p) {
-                Ok(db) => Some(db),
-                Err(e) => {
-                    self.problem(
-                        "geo.mmdb",
-                        format!("`{}` is not a readable MaxMind database: {e}", p.display()),
-                    );
-                    None
-                }
-            });
+        let mmdb = raw.mmdb.as_ref().map(|m| self.path(m));
         let mut networks = Vec::new();
         for (i, n) in raw.networks.iter().enumerate() {
             let key = format!("geo.networks[{i}]");
@@ -908,11 +950,7 @@ impl Validator {
                 ),
             }
         }
-        Geo {
-            mmdb,
-            database,
-            networks,
-        }
+        Geo { mmdb, networks }
     }
 
     fn secret(&mut self, key: &str, raw: &RawSecret) -> Option<SecretSource> {
@@ -925,7 +963,7 @@ impl Validator {
                 if raw.ephemeral_if_unset {
                     self.problem(format!("{key}.ephemeral_if_unset"), "only applies to `env`");
                 }
-                Some(SecretSource::File(self.existing_file(&format!("{key}.file"), file)))
+                Some(SecretSource::File(self.path(file)))
             }
             _ => {
                 self.problem(

@@ -147,7 +147,7 @@ pub struct Edge {
     pub location: GeoPoint,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Listeners {
     pub http: Option<SocketAddr>,
     pub https: Option<TlsListener>,
@@ -159,7 +159,7 @@ pub struct Listeners {
     pub tls_passthrough: Vec<SocketAddr>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct TlsListener {
     pub addr: SocketAddr,
     pub cert: PathBuf,
@@ -167,7 +167,7 @@ pub struct TlsListener {
 }
 
 /// A plain TCP listener bound to one service.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct TcpListener {
     pub addr: SocketAddr,
     pub service: ServiceName,
@@ -369,11 +369,11 @@ pub struct Pin {
     pub cell: CellId,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Geo {
+    /// A MaxMind/DB-IP City database, opened by the component that locates
+    /// clients (the table publisher), not by config parsing.
     pub mmdb: Option<PathBuf>,
-    /// The database at `mmdb`, read when the config was loaded.
-    pub database: Option<GeoDatabase>,
     /// Looked up before the mmdb; the longest matching prefix wins.
     pub networks: Vec<GeoNetwork>,
 }
@@ -476,65 +476,6 @@ impl Default for ProxySettings {
             l4_idle_timeout: Duration::from_secs(300),
             client_hello_timeout: Duration::from_secs(5),
         }
-    }
-}
-
-/// A MaxMind DB in GeoIP2/GeoLite2/DB-IP City layout, read into memory.
-///
-/// Not memory-mapped: mapping is `unsafe` (the file could change under the
-/// mapping) and every cellgate crate forbids `unsafe`. A City database is
-/// tens of MB; a config reload reads it again and swaps it atomically.
-#[derive(Clone)]
-pub struct GeoDatabase(Arc<maxminddb::Reader<Vec<u8>>>);
-
-impl fmt::Debug for GeoDatabase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "GeoDatabase({})", self.0.metadata().database_type)
-    }
-}
-
-/// What a geo source knows of an address.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct GeoMatch {
-    pub location: GeoPoint,
-    pub country: Country,
-    /// Prefix length of the matching network.
-    pub prefix_len: u8,
-}
-
-impl GeoDatabase {
-    pub fn open(path: &std::path::Path) -> Result<Self, String> {
-        let reader = maxminddb::Reader::open_readfile(path).map_err(|e| e.to_string())?;
-        Ok(Self(Arc::new(reader)))
-    }
-
-    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, String> {
-        maxminddb::Reader::from_source(bytes)
-            .map(|r| Self(Arc::new(r)))
-            .map_err(|e| e.to_string())
-    }
-
-    /// Location (and country, when present) of `ip`; `None` when the
-    /// database has no coordinates for it.
-    pub fn lookup(&self, ip: std::net::IpAddr) -> Option<GeoMatch> {
-        let result = self.0.lookup(ip).ok()?;
-        if !result.has_data() {
-            return None;
-        }
-        let prefix_len = result.network().ok()?.prefix();
-        let city: maxminddb::geoip2::City<'_> = result.decode().ok()??;
-        let location = GeoPoint::new(city.location.latitude?, city.location.longitude?)?;
-        let country = city
-            .country
-            .iso_code
-            .or(city.registered_country.iso_code)
-            .and_then(Country::parse)
-            .unwrap_or(Country::UNKNOWN);
-        Some(GeoMatch {
-            location,
-            country,
-            prefix_len,
-        })
     }
 }
 

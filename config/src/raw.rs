@@ -1,12 +1,16 @@
 //! The file format as serde sees it. Scalars that need checking (addresses,
 //! durations, coordinates) stay strings or numbers here so that validation
 //! can report every problem with its key path, not only the first.
+//!
+//! Public so that tools can write configs with types instead of text (the
+//! test kit's topology builder does); [`crate::parse`] is still the only
+//! way to a validated [`crate::Config`].
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawConfig {
+pub struct RawConfig {
     pub edge: RawEdge,
     #[serde(default)]
     pub listeners: RawListeners,
@@ -35,43 +39,43 @@ pub(crate) struct RawConfig {
     pub admin: RawAdmin,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Serialize, Deserialize, Default, Clone, Debug)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawAdmin {
+pub struct RawAdmin {
     pub state_file: Option<String>,
     pub audit_log: Option<String>,
     #[serde(default)]
     pub tokens: Vec<RawAdminToken>,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawAdminToken {
+pub struct RawAdminToken {
     pub name: String,
     pub env: Option<String>,
     pub file: Option<String>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Serialize, Deserialize, Default, Clone, Debug)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawDns {
+pub struct RawDns {
     pub max_udp_payload: Option<u16>,
     #[serde(default)]
     pub zones: Vec<RawZone>,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawZone {
+pub struct RawZone {
     pub origin: String,
     pub ns: Vec<String>,
     pub soa: RawSoa,
     pub ttl: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawSoa {
+pub struct RawSoa {
     pub mname: Option<String>,
     pub rname: String,
     pub serial: Option<u32>,
@@ -81,9 +85,9 @@ pub(crate) struct RawSoa {
     pub minimum: Option<String>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Serialize, Deserialize, Default, Clone, Debug)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawProxy {
+pub struct RawProxy {
     pub threads: Option<u32>,
     pub connect_timeout: Option<String>,
     pub read_timeout: Option<String>,
@@ -98,40 +102,40 @@ pub(crate) struct RawProxy {
     pub client_hello_timeout: Option<String>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Serialize, Deserialize, Default, Clone, Debug)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawPassive {
+pub struct RawPassive {
     pub consecutive_failures: Option<u32>,
     pub base_ejection: Option<String>,
     pub max_ejection: Option<String>,
     pub max_ejected_fraction: Option<f64>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Serialize, Deserialize, Default, Clone, Debug)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawPublish {
+pub struct RawPublish {
     pub rtt_margin: Option<f64>,
     pub load_margin: Option<f64>,
     pub refresh: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawEdge {
+pub struct RawEdge {
     pub name: String,
     pub location: RawPoint,
 }
 
-#[derive(Deserialize, Clone, Copy)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawPoint {
+pub struct RawPoint {
     pub lat: f64,
     pub lon: f64,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Serialize, Deserialize, Default, Clone, Debug)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawListeners {
+pub struct RawListeners {
     pub http: Option<String>,
     pub https: Option<RawTls>,
     pub dns: Option<String>,
@@ -142,33 +146,33 @@ pub(crate) struct RawListeners {
     pub tls_passthrough: Vec<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawTls {
+pub struct RawTls {
     pub listen: String,
     pub cert: String,
     pub key: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawTcpListener {
+pub struct RawTcpListener {
     pub listen: String,
     pub service: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawSecret {
+pub struct RawSecret {
     pub env: Option<String>,
     pub file: Option<String>,
     #[serde(default)]
     pub ephemeral_if_unset: bool,
 }
 
-#[derive(Deserialize, Default, Clone)]
+#[derive(Serialize, Deserialize, Default, Clone, Debug)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawHealth {
+pub struct RawHealth {
     pub kind: Option<RawHealthKind>,
     pub path: Option<String>,
     pub host: Option<String>,
@@ -180,16 +184,16 @@ pub(crate) struct RawHealth {
     pub min_healthy_fraction: Option<f64>,
 }
 
-#[derive(Deserialize, Clone, Copy)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug)]
 #[serde(rename_all = "lowercase")]
-pub(crate) enum RawHealthKind {
+pub enum RawHealthKind {
     Http,
     Tcp,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawCell {
+pub struct RawCell {
     pub id: String,
     pub region: String,
     pub location: RawPoint,
@@ -206,25 +210,25 @@ pub(crate) struct RawCell {
     pub health: Option<RawHealth>,
 }
 
-#[derive(Deserialize, Clone, Copy)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug)]
 #[serde(rename_all = "lowercase")]
-pub(crate) enum RawPolicy {
+pub enum RawPolicy {
     Latency,
     Geo,
     Weighted,
     Failover,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawSticky {
+pub struct RawSticky {
     pub cookie: String,
     pub ttl: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub(crate) enum RawShardKey {
+pub enum RawShardKey {
     Header(String),
     Cookie(String),
     PathSegment(i64),
@@ -233,24 +237,24 @@ pub(crate) enum RawShardKey {
     ClientAddr,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawResidency {
+pub struct RawResidency {
     pub countries: Vec<String>,
     pub cells: Vec<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 #[serde(rename_all = "snake_case")]
-pub(crate) enum RawAllDown {
+pub enum RawAllDown {
     Open,
     Closed,
     Fallback(String),
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawService {
+pub struct RawService {
     pub name: String,
     #[serde(default)]
     pub hosts: Vec<String>,
@@ -269,25 +273,25 @@ pub(crate) struct RawService {
     pub proxy_protocol: bool,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawPin {
+pub struct RawPin {
     pub service: String,
     pub key: String,
     pub cell: String,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Serialize, Deserialize, Default, Clone, Debug)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawGeo {
+pub struct RawGeo {
     pub mmdb: Option<String>,
     #[serde(default)]
     pub networks: Vec<RawGeoNetwork>,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RawGeoNetwork {
+pub struct RawGeoNetwork {
     pub cidr: String,
     pub country: String,
     pub location: RawPoint,

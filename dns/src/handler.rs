@@ -2,10 +2,13 @@
 
 use std::{net::IpAddr, sync::Arc};
 
-use arc_swap::ArcSwap;
+use arc_swap::ArcSwapOption;
 use cellgate_config::Policy;
-use cellgate_health::{now, TrafficStats};
-use cellgate_routing::{hash, steer, CellState, Outcome, RouteQuery, RoutingTable};
+use cellgate_routing::{hash, steer, CellState, Outcome, RouteQuery};
+use cellgate_snapshot::{
+    metrics::{DNS_QTYPES, DNS_RCODES},
+    Snapshot, Snapshots,
+};
 use hickory_proto::{
     op::{Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode},
     rr::{
@@ -32,11 +35,10 @@ const WEIGHTED_V6_PREFIX: u8 = 56;
 /// cellgate's DNS `RequestHandler`.
 #[derive(Debug)]
 pub struct CellDns {
-    tables: Arc<ArcSwap<RoutingTable>>,
-    traffic: TrafficStats,
-    /// Zones of the config the current table was built from.
-    zones: ArcSwap<(usize, Arc<Zones>)>,
-    max_payload: u16,
+    snapshots: Arc<Snapshots>,
+    /// Zone records of one config epoch (epochs are never reused, so a
+    /// reload can never be answered from an older config's records).
+    zones: ArcSwapOption<(u64, Arc<Zones>)>,
 }
 
 /// Everything a response carries.
@@ -65,40 +67,33 @@ fn truncate(ip: IpAddr, prefix: u8) -> IpAddr {
 }
 
 impl CellDns {
-    pub fn new(tables: Arc<ArcSwap<RoutingTable>>, traffic: TrafficStats) -> Self {
-        let t = tables.load();
-        let max_payload = t.config.dns.max_udp_payload;
-        let zones = ArcSwap::from_pointee((Arc::as_ptr(&t.config) as usize, Arc::new(Zones::new(&t.config))));
-        drop(t);
+    pub fn new(snapshots: Arc<Snapshots>) -> Self {
         Self {
-            tables,
-            traffic,
-            zones,
-            max_payload,
+            snapshots,
+            zones: ArcSwapOption::empty(),
         }
     }
 
-    fn zones(&self, table: &RoutingTable) -> Arc<Zones> {
-        let key = Arc::as_ptr(&table.config) as usize;
-        let cur = self.zones.load();
-        if cur.0 == key {
-            return cur.1.clone();
+    fn zones(&self, s: &Snapshot) -> Arc<Zones> {
+        let epoch = s.layout.epoch;
+        if let Some(z) = self.zones.load().as_ref().filter(|z| z.0 == epoch) {
+            return z.1.clone();
         }
-        // The config was reloaded: rebuild once and share.
-        let z = Arc::new(Zones::new(&table.config));
-        self.zones.store(Arc::new((key, z.clone())));
+        // A new config: render once and share.
+        let z = Arc::new(Zones::new(&s.table.config));
+        self.zones.store(Some(Arc::new((epoch, z.clone()))));
         z
     }
 
     /// Decides the whole answer to `req`.
     pub fn answer(&self, req: &Request) -> Answer {
-        let table = self.tables.load_full();
-        let zones = self.zones(&table);
+        let snapshot = self.snapshots.load_full();
+        let table = &snapshot.table;
         let mut a = Answer::default();
         let mut ecs: Option<ClientSubnet> = None;
         if let Some(e) = &req.edns {
             let mut out = Edns::new();
-            out.set_max_payload(e.max_payload().max(512).min(self.max_payload));
+            out.set_max_payload(e.max_payload().max(512).min(table.config.dns.max_udp_payload));
             out.set_version(0);
             if e.version() > 0 {
                 a.rcode = ResponseCode::BADVERS;
@@ -128,18 +123,23 @@ impl CellDns {
         if qname.ends_with('.') {
             qname.pop();
         }
-        let Some(zone) = zones.find(&qname) else {
+        let Some(index) = table.zones.find(&qname) else {
             a.rcode = ResponseCode::Refused;
+            return a;
+        };
+        let zones = self.zones(&snapshot);
+        let Some(zone) = zones.get(&index.origin) else {
+            a.rcode = ResponseCode::ServFail;
             return a;
         };
         a.authoritative = true;
         let owner = q.original().name().clone();
-        if !zone.names.contains(&qname) {
+        if !index.names.contains(&qname) {
             a.rcode = ResponseCode::NXDomain;
             a.authorities.push(zone.negative_soa.clone());
             return a;
         }
-        let apex = qname == zone.origin_str;
+        let apex = qname == index.origin;
         let service = table.service_by_dns_name(&qname);
         let qtype = q.query_type();
         let with_owner = |r: &Record| {
@@ -149,7 +149,7 @@ impl CellDns {
         };
         match (qtype, service) {
             (RecordType::A | RecordType::AAAA | RecordType::ANY, Some(svc)) => {
-                self.steer(&table, req, svc, qtype, &owner, ecs, &mut a);
+                self.steer(&snapshot, req, svc, qtype, &owner, ecs, &mut a);
                 if a.rcode == ResponseCode::NoError && a.answers.is_empty() {
                     a.authorities.push(zone.negative_soa.clone());
                 }
@@ -166,7 +166,7 @@ impl CellDns {
     #[allow(clippy::too_many_arguments)]
     fn steer(
         &self,
-        table: &RoutingTable,
+        snapshot: &Snapshot,
         req: &Request,
         svc: cellgate_routing::ServiceIdx,
         qtype: RecordType,
@@ -174,6 +174,7 @@ impl CellDns {
         ecs: Option<ClientSubnet>,
         a: &mut Answer,
     ) {
+        let table = &snapshot.table;
         let spec = table.service_spec(svc);
         // The client: the ECS network when given (source prefix 0 means
         // "do not use my address"), else the address the query came from.
@@ -202,7 +203,8 @@ impl CellDns {
             seed,
             limit: spec.dns_answers,
         };
-        let d = steer(table, &query, now());
+        let clock = self.snapshots.clock();
+        let d = steer(table, &query, clock.now());
         // ECS scope: the prefix of what decided the answer, never longer
         // than the query's; 0 when the client's network did not matter.
         if let (Some(s), Some(edns)) = (&ecs, a.edns.as_mut()) {
@@ -238,13 +240,16 @@ impl CellDns {
         let ttl = if degraded { spec.dns_degraded_ttl } else { spec.dns_ttl };
         let ttl = u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX);
         if d.outcome == Outcome::FailOpen {
-            metrics::counter!("cellgate_fail_open_total", "service" => spec.name.to_string(), "face" => "dns")
-                .increment(1);
+            if let Some(m) = snapshot.service_metrics(svc) {
+                m.fail_open_dns.increment(1);
+            }
         }
+        let now_secs = clock.now_secs();
         for c in d.candidates() {
-            let id = table.cell(c.cell).id.as_str();
-            self.traffic.dns_answer(id);
-            metrics::counter!("cellgate_dns_answers_total", "cell" => id.to_owned()).increment(1);
+            snapshot.traffic().dns_answer(c.cell, now_secs);
+            if let Some(m) = snapshot.cell_metrics(c.cell) {
+                m.dns_answers.increment(1);
+            }
             let cell = table.cell_spec(c.cell);
             if matches!(qtype, RecordType::A | RecordType::ANY) {
                 a.answers.extend(
@@ -264,6 +269,21 @@ impl CellDns {
     }
 }
 
+/// The index in [`DNS_RCODES`] of `rcode`.
+fn rcode_index(rcode: ResponseCode) -> usize {
+    match rcode {
+        ResponseCode::NoError => 0,
+        ResponseCode::FormErr => 1,
+        ResponseCode::ServFail => 2,
+        ResponseCode::NXDomain => 3,
+        ResponseCode::NotImp => 4,
+        ResponseCode::Refused => 5,
+        ResponseCode::NotAuth => 6,
+        ResponseCode::BADVERS => 7,
+        _ => DNS_RCODES.len() - 1,
+    }
+}
+
 #[async_trait::async_trait]
 impl RequestHandler for CellDns {
     async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, mut response: R) -> ResponseInfo {
@@ -272,8 +292,10 @@ impl RequestHandler for CellDns {
             .queries
             .queries()
             .first()
-            .map_or("none", |q| <&'static str>::from(q.query_type()));
-        metrics::counter!("cellgate_dns_queries_total", "qtype" => qtype, "rcode" => a.rcode.to_str()).increment(1);
+            .map_or("other", |q| <&'static str>::from(q.query_type()));
+        let qi = DNS_QTYPES.iter().position(|t| *t == qtype).unwrap_or(DNS_QTYPES.len());
+        let ri = rcode_index(a.rcode);
+        self.snapshots.load().edge.dns_query(qi, ri).increment(1);
         let builder = MessageResponseBuilder::new(&request.queries, a.edns.as_ref());
         let mut meta = Metadata::response_from_request(&request.metadata);
         meta.authoritative = a.authoritative;

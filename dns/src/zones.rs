@@ -1,7 +1,8 @@
-//! Zone data precomputed from a config: SOA and NS records, and which names
-//! exist, so answering takes no allocation beyond the answer itself.
+//! Zone records rendered from the config's zones (SOA, negative SOA, NS),
+//! once per config epoch, so answering clones records instead of parsing
+//! names.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use cellgate_config::Config;
 use hickory_proto::rr::{
@@ -9,22 +10,17 @@ use hickory_proto::rr::{
     Name, RData, Record,
 };
 
-/// One zone.
+/// One zone's records.
 #[derive(Debug)]
 pub struct Zone {
     pub origin: Name,
-    /// The origin lower case, without the trailing dot.
-    pub origin_str: String,
     pub soa: Record,
     /// SOA for negative answers: TTL = min(SOA TTL, minimum) (RFC 2308).
     pub negative_soa: Record,
     pub ns: Vec<Record>,
-    /// Every name that exists in the zone, lower case, no trailing dot,
-    /// including empty non-terminals.
-    pub names: HashSet<String>,
 }
 
-/// Every zone of a config, by origin.
+/// Every zone's records, by origin (lower case, no trailing dot).
 #[derive(Debug, Default)]
 pub struct Zones {
     by_origin: HashMap<String, Zone>,
@@ -63,41 +59,21 @@ impl Zones {
                     .filter_map(|n| name(n))
                     .map(|n| Record::from_rdata(origin.clone(), ttl, RData::NS(NS(n))))
                     .collect();
-            let mut names = HashSet::new();
-            names.insert(z.origin.clone());
-            for n in config.services.iter().filter_map(|s| s.dns_name.as_ref()) {
-                let Some(rel) = n.strip_suffix(&format!(".{}", z.origin)) else {
-                    continue;
-                };
-                // The name and every empty non-terminal between it and the apex.
-                let labels: Vec<&str> = rel.split('.').collect();
-                for i in 0..labels.len() {
-                    names.insert(format!("{}.{}", labels[i..].join("."), z.origin));
-                }
-            }
             by_origin.insert(
                 z.origin.clone(),
                 Zone {
                     origin,
-                    origin_str: z.origin.clone(),
                     soa,
                     negative_soa,
                     ns,
-                    names,
                 },
             );
         }
         Self { by_origin }
     }
 
-    /// The zone `qname` (lower case, no trailing dot) falls in: the longest
-    /// matching origin.
-    pub fn find(&self, qname: &str) -> Option<&Zone> {
-        if let Some(z) = self.by_origin.get(qname) {
-            return Some(z);
-        }
-        qname
-            .match_indices('.')
-            .find_map(|(i, _)| self.by_origin.get(&qname[i + 1..]))
+    /// The records of the zone with this origin.
+    pub fn get(&self, origin: &str) -> Option<&Zone> {
+        self.by_origin.get(origin)
     }
 }

@@ -8,12 +8,12 @@ use std::{
     time::Duration,
 };
 
-use arc_swap::ArcSwap;
 use cellgate_config::{CellId, Config};
-use cellgate_dns::DnsServer;
+use cellgate_dns::{DnsListener, DnsServer};
 use cellgate_routing::{
-    CellMeasurement, Drain, DrainMode, Health, Measurements, OperatorState, RoutingTable, Timestamp,
+    CellMeasurement, Drain, DrainMode, GeoDatabase, Health, Measurements, OperatorState, RoutingTable, Timestamp,
 };
+use cellgate_snapshot::{Clock, Snapshots};
 use hickory_proto::{
     op::{Edns, Message, MessageType, OpCode, Query, ResponseCode},
     rr::{
@@ -125,53 +125,63 @@ fn measurements(config: &Config, down: &[&str]) -> Measurements {
     let mut m = Measurements::default();
     for c in &config.cells {
         let up = !down.contains(&c.id.as_str());
-        m.cells.insert(
-            c.id.clone(),
-            CellMeasurement {
-                health: if up { Health::Up } else { Health::Down },
-                endpoints_up: u32::from(up),
-                endpoints_total: 1,
-                srtt: Some(Duration::from_millis(5)),
-                ..Default::default()
-            },
-        );
+        m.cells.push(CellMeasurement {
+            health: if up { Health::Up } else { Health::Down },
+            endpoints_up: u32::from(up),
+            endpoints_total: 1,
+            srtt: Some(Duration::from_millis(5)),
+            ..Default::default()
+        });
     }
     m
 }
 
 struct Fixture {
     config: Arc<Config>,
-    tables: Arc<ArcSwap<RoutingTable>>,
+    geo: Option<GeoDatabase>,
+    snapshots: Arc<Snapshots>,
     server: DnsServer,
 }
 
 impl Fixture {
     async fn new(text: &str, path: &Path) -> Self {
         let config = Arc::new(cellgate_config::parse(text, path).unwrap_or_else(|e| panic!("{e}")));
+        let geo = config
+            .geo
+            .mmdb
+            .as_ref()
+            .map(|p| GeoDatabase::from_bytes(std::fs::read(p).expect("mmdb")).expect("mmdb parses"));
         let table = RoutingTable::build(
             config.clone(),
+            geo.clone(),
             &measurements(&config, &[]),
             &OperatorState::default(),
             None,
             1,
         );
-        let tables = Arc::new(ArcSwap::from_pointee(table));
-        let traffic = cellgate_health::TrafficStats::new(&config);
-        let server = DnsServer::start("127.0.0.1:0".parse().expect("addr"), tables.clone(), traffic)
+        let snapshots = Arc::new(Snapshots::standalone(table, Clock::system()));
+        let listener = DnsListener::bind("127.0.0.1:0".parse().expect("addr"))
             .await
-            .expect("start");
-        Self { config, tables, server }
+            .expect("bind");
+        let server = DnsServer::start(listener, snapshots.clone()).expect("start");
+        Self {
+            config,
+            geo,
+            snapshots,
+            server,
+        }
     }
     fn publish(&self, down: &[&str], op: &OperatorState) {
-        let prev = self.tables.load_full();
+        let prev = self.snapshots.load_full();
         let t = RoutingTable::build(
             self.config.clone(),
+            self.geo.clone(),
             &measurements(&self.config, down),
             op,
-            Some(&prev),
-            prev.generation + 1,
+            Some(&prev.table),
+            prev.generation() + 1,
         );
-        self.tables.store(Arc::new(t));
+        self.snapshots.store_table(t);
     }
 }
 
@@ -253,10 +263,8 @@ async fn raw(server: SocketAddr, proto: Proto, from: &str, bytes: &[u8]) -> Vec<
 }
 
 async fn ask(f: &Fixture, proto: Proto, q: &Ask<'_>) -> Message {
-    let addr = match proto {
-        Proto::Udp => f.server.udp,
-        Proto::Tcp => f.server.tcp,
-    };
+    let _ = proto;
+    let addr = f.server.addr;
     let m = Message::from_vec(&raw(addr, proto, q.from, &q.bytes()).await).expect("decode");
     assert_eq!(m.metadata.id, 4242);
     assert_eq!(m.metadata.message_type, MessageType::Response);
@@ -372,14 +380,14 @@ async fn malformed_packets_get_formerr_or_nothing_and_never_stop_the_server() {
     let f = fixture().await;
     let good = Ask::new("app.example.test.", RecordType::A).bytes();
     // Header fine, question truncated: FORMERR.
-    let bad = raw(f.server.udp, Proto::Udp, "127.0.0.1", &good[..good.len() - 14]).await;
+    let bad = raw(f.server.addr, Proto::Udp, "127.0.0.1", &good[..good.len() - 14]).await;
     let m = Message::from_vec(&bad).expect("decode");
     assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
     // Garbage of every length, then the server still answers.
     let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
     for len in 0..64usize {
         let junk: Vec<u8> = (0..len).map(|i| (i * 37 + len) as u8).collect();
-        sock.send_to(&junk, f.server.udp).await.expect("send");
+        sock.send_to(&junk, f.server.addr).await.expect("send");
     }
     let m = ask(&f, Proto::Udp, &Ask::new("app.example.test.", RecordType::A)).await;
     assert_eq!(addrs(&m), ["127.0.1.1"]);
@@ -388,8 +396,8 @@ async fn malformed_packets_get_formerr_or_nothing_and_never_stop_the_server() {
     let mut e = Edns::new();
     e.set_version(1);
     msg.set_edns(e);
-    let m =
-        Message::from_vec(&raw(f.server.udp, Proto::Udp, "127.0.0.1", &msg.to_vec().expect("enc")).await).expect("dec");
+    let m = Message::from_vec(&raw(f.server.addr, Proto::Udp, "127.0.0.1", &msg.to_vec().expect("enc")).await)
+        .expect("dec");
     // BADVERS and BADSIG share code 16 on the wire; the decoder names it BADSIG.
     assert_eq!(u16::from(m.metadata.response_code), u16::from(ResponseCode::BADVERS));
 }

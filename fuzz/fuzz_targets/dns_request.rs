@@ -6,9 +6,9 @@ use std::{
     sync::{Arc, OnceLock},
 };
 
-use arc_swap::ArcSwap;
 use cellgate_dns::CellDns;
 use cellgate_routing::{Measurements, OperatorState, RoutingTable};
+use cellgate_snapshot::{Clock, Snapshots};
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::Request;
 use libfuzzer_sys::fuzz_target;
@@ -19,9 +19,8 @@ fn handler() -> &'static CellDns {
     static H: OnceLock<CellDns> = OnceLock::new();
     H.get_or_init(|| {
         let config = Arc::new(cellgate_config::parse(DEMO, Path::new("examples/demo.toml")).expect("demo config"));
-        let table = RoutingTable::build(config, &Measurements::default(), &OperatorState::default(), None, 1);
-        let traffic = cellgate_health::TrafficStats::new(&table.config);
-        CellDns::new(Arc::new(ArcSwap::from_pointee(table)), traffic)
+        let table = RoutingTable::build(config, None, &Measurements::default(), &OperatorState::default(), None, 1);
+        CellDns::new(Arc::new(Snapshots::standalone(table, Clock::manual_now())))
     })
 }
 

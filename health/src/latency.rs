@@ -39,10 +39,26 @@ impl Default for Ewma {
 }
 
 /// RTT distribution over a sliding window made of rotating histograms.
+///
+/// A running total of the live slots is kept beside them (the slot that
+/// leaves the window is subtracted), so quantiles never merge histograms;
+/// they are computed when read, at most once per `refresh` (the caller's
+/// clock), since only the API and the table's display fields need them.
 #[derive(Debug)]
 pub struct RttWindow {
     slots: VecDeque<Histogram<u64>>,
+    total: Histogram<u64>,
     max_slots: usize,
+    /// (p50, p99) and when they were computed.
+    cached: Option<(Duration, Quantiles)>,
+    dirty: bool,
+}
+
+/// The window's median and 99th percentile.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Quantiles {
+    pub p50: Option<Duration>,
+    pub p99: Option<Duration>,
 }
 
 impl RttWindow {
@@ -55,7 +71,10 @@ impl RttWindow {
     pub fn new(slots: usize) -> Self {
         let mut w = Self {
             slots: VecDeque::new(),
+            total: Self::histogram(),
             max_slots: slots.max(1),
+            cached: None,
+            dirty: false,
         };
         w.slots.push_back(Self::histogram());
         w
@@ -68,23 +87,49 @@ impl RttWindow {
         if let Some(h) = self.slots.back_mut() {
             h.saturating_record(us);
         }
+        self.total.saturating_record(us);
+        self.dirty = true;
     }
 
     /// Starts a new slot, dropping the oldest when the window is full.
     pub fn rotate(&mut self) {
         self.slots.push_back(Self::histogram());
         while self.slots.len() > self.max_slots {
-            self.slots.pop_front();
+            if let Some(old) = self.slots.pop_front() {
+                if self.total.subtract(&old).is_err() {
+                    // Cannot happen (same bounds, counts included), but a
+                    // wrong total would lie forever: rebuild it.
+                    let mut total = Self::histogram();
+                    for h in &self.slots {
+                        let _ = total.add(h);
+                    }
+                    self.total = total;
+                }
+            }
         }
+        self.dirty = true;
     }
 
     /// The `q` quantile (0..=1) over the window, if it holds any sample.
     pub fn quantile(&self, q: f64) -> Option<Duration> {
-        let mut all = Self::histogram();
-        for h in &self.slots {
-            all.add(h).ok()?;
+        (!self.total.is_empty()).then(|| Duration::from_micros(self.total.value_at_quantile(q)))
+    }
+
+    /// p50 and p99, recomputed when samples changed and the last
+    /// computation is at least `refresh` old (`now` on the caller's clock).
+    pub fn quantiles(&mut self, now: Duration, refresh: Duration) -> Quantiles {
+        match self.cached {
+            Some((at, q)) if !self.dirty || now.saturating_sub(at) < refresh => q,
+            _ => {
+                let q = Quantiles {
+                    p50: self.quantile(0.5),
+                    p99: self.quantile(0.99),
+                };
+                self.cached = Some((now, q));
+                self.dirty = false;
+                q
+            }
         }
-        (!all.is_empty()).then(|| Duration::from_micros(all.value_at_quantile(q)))
     }
 }
 
@@ -122,5 +167,19 @@ mod tests {
         w.rotate();
         w.rotate();
         assert_eq!(w.quantile(0.5), None, "old samples slid out of the window");
+    }
+
+    #[test]
+    fn cached_quantiles_refresh_at_most_once_per_period() {
+        let mut w = RttWindow::new(3);
+        w.record(Duration::from_millis(10));
+        let s = Duration::from_secs(1);
+        let first = w.quantiles(Duration::ZERO, s);
+        assert_eq!(first.p50.map(|d| d.as_millis()), Some(10));
+        w.record(Duration::from_millis(900));
+        w.record(Duration::from_millis(900));
+        assert_eq!(w.quantiles(Duration::from_millis(500), s), first, "still cached");
+        let later = w.quantiles(Duration::from_millis(1500), s);
+        assert!(later.p50.expect("p50") >= Duration::from_millis(890), "{later:?}");
     }
 }

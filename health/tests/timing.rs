@@ -11,8 +11,9 @@ use std::{
 };
 
 use cellgate_config::Config;
-use cellgate_health::{Health, Probe, ProbeFuture, ProbeOutcome, ProbeTarget, UpstreamOutcome, JITTER};
-use cellgate_routing::{Health as H, OperatorState, RoutingTable};
+use cellgate_health::{Health, Inputs, Probe, ProbeFuture, ProbeOutcome, ProbeTarget, JITTER};
+use cellgate_routing::{EndpointIdx, Health as H, OperatorState, RoutingTable};
+use cellgate_snapshot::{Clock, Metrics, UpstreamOutcome};
 use tokio::time::Instant;
 
 #[derive(Default)]
@@ -98,15 +99,36 @@ fn health_of(t: &RoutingTable, id: &str) -> H {
     t.cell(t.cell_idx(id).expect("cell")).measurement.health
 }
 
+fn launch(config: Arc<Config>, script: &Arc<Script>) -> Health {
+    Health::start(
+        Inputs {
+            config,
+            geo: None,
+            operator: OperatorState::default(),
+        },
+        Arc::new(Scripted(script.clone())),
+        Clock::system(),
+        Metrics::off(),
+    )
+}
+
 async fn start(extra: &str) -> (Health, Arc<Script>) {
     let script = Arc::new(Script::default());
-    let h = Health::start(
-        config(extra),
-        OperatorState::default(),
-        Arc::new(Scripted(script.clone())),
-    );
+    let h = launch(config(extra), &script);
     assert!(h.wait_ready(Duration::from_secs(1)).await);
     (h, script)
+}
+
+/// Reports a proxy outcome for the endpoint at `port`, as the proxy does.
+fn report(h: &Health, port: u16, outcome: UpstreamOutcome) {
+    let s = h.snapshot();
+    let i = s
+        .table
+        .endpoints
+        .iter()
+        .position(|e| e.addr == addr(port))
+        .expect("endpoint");
+    s.report(EndpointIdx(i as u32), outcome);
 }
 
 /// Advances paused time in small steps until `cell` has `want`; returns when.
@@ -125,7 +147,7 @@ async fn until(h: &Health, cell: &str, want: H, limit: Duration) -> Option<Insta
 async fn cells_are_unknown_until_the_first_round_then_up() {
     let script = Arc::new(Script::default());
     *script.delay.lock().expect("lock") = Duration::from_millis(50);
-    let h = Health::start(config(""), OperatorState::default(), Arc::new(Scripted(script.clone())));
+    let h = launch(config(""), &script);
     assert_eq!(health_of(&h.table(), "a"), H::Unknown);
     let t0 = Instant::now();
     assert!(
@@ -146,7 +168,7 @@ async fn cells_are_unknown_until_the_first_round_then_up() {
 async fn start_up_wait_is_bounded_when_probes_hang() {
     let script = Arc::new(Script::default());
     *script.delay.lock().expect("lock") = Duration::from_secs(10);
-    let h = Health::start(config(""), OperatorState::default(), Arc::new(Scripted(script.clone())));
+    let h = launch(config(""), &script);
     // Probes time out after 80 ms: that is a result (down), so the round completes.
     let t0 = Instant::now();
     assert!(h.wait_ready(Duration::from_secs(1)).await);
@@ -214,7 +236,6 @@ async fn jitter_stays_within_bounds() {
 async fn passive_ejection_backs_off_and_is_capped_per_cell() {
     let (h, _script) =
         start("[passive]\nconsecutive_failures = 3\nbase_ejection = \"1s\"\nmax_ejection = \"4s\"").await;
-    let p = h.passive();
     let ejected = |port: u16| {
         let t = h.table();
         t.cells
@@ -228,18 +249,18 @@ async fn passive_ejection_backs_off_and_is_capped_per_cell() {
         UpstreamOutcome::Timeout,
         UpstreamOutcome::Success,
     ] {
-        p.report(addr(1001), o);
+        report(&h, 1001, o);
     }
-    p.report(addr(1001), UpstreamOutcome::ServerError);
-    p.report(addr(1001), UpstreamOutcome::ServerError);
+    report(&h, 1001, UpstreamOutcome::ServerError);
+    report(&h, 1001, UpstreamOutcome::ServerError);
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert!(!ejected(1001));
-    p.report(addr(1001), UpstreamOutcome::ServerError);
+    report(&h, 1001, UpstreamOutcome::ServerError);
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert!(ejected(1001));
     // Cap: a cell of two endpoints keeps at least one (fraction 0.5).
     for _ in 0..3 {
-        p.report(addr(1002), UpstreamOutcome::ConnectFailure);
+        report(&h, 1002, UpstreamOutcome::ConnectFailure);
     }
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert!(!ejected(1002), "cap: half of cell a at most");
@@ -249,7 +270,7 @@ async fn passive_ejection_backs_off_and_is_capped_per_cell() {
     assert!(!ejected(1001));
     // The second one lasts 2 s.
     for _ in 0..3 {
-        p.report(addr(1001), UpstreamOutcome::ConnectFailure);
+        report(&h, 1001, UpstreamOutcome::ConnectFailure);
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(ejected(1001), "second ejection is longer");
@@ -257,7 +278,7 @@ async fn passive_ejection_backs_off_and_is_capped_per_cell() {
     assert!(!ejected(1001));
     // A single-endpoint cell can be ejected whole: its traffic moves.
     for _ in 0..3 {
-        p.report(addr(1003), UpstreamOutcome::ConnectFailure);
+        report(&h, 1003, UpstreamOutcome::ConnectFailure);
     }
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(health_of(&h.table(), "b"), H::Down);
@@ -292,16 +313,14 @@ async fn reload_keeps_history_of_unchanged_cells_and_operator_changes_publish_at
     let gen = h.table().generation;
     // New probes take 50 ms, so a restarted history is visible as Unknown.
     *script.delay.lock().expect("lock") = Duration::from_millis(50);
-    h.reload(config("path = \"/ready\""));
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    h.apply_reload(config("path = \"/ready\""), None).await;
     let t = h.table();
     assert!(t.generation > gen);
     // The health check changed (path), so history restarts for every cell...
     assert_eq!(health_of(&t, "b"), H::Unknown);
     // ...but a reload with the same cells keeps it.
     assert!(until(&h, "b", H::Down, Duration::from_secs(1)).await.is_some());
-    h.reload(config("path = \"/ready\""));
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    h.apply_reload(config("path = \"/ready\""), None).await;
     assert_eq!(health_of(&h.table(), "b"), H::Down);
     assert_eq!(health_of(&h.table(), "a"), H::Up);
 
@@ -314,8 +333,7 @@ async fn reload_keeps_history_of_unchanged_cells_and_operator_changes_publish_at
             deadline: None,
         },
     );
-    h.set_operator(op);
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    h.apply_operator(op).await;
     let t = h.table();
     assert!(matches!(
         t.cell(t.cell_idx("a").expect("a")).state,

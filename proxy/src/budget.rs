@@ -1,8 +1,8 @@
 //! A retry budget: retries may add at most a share of recent requests, plus
 //! a small floor, over a sliding 10-second window. Lock-free: counts live in
-//! per-second buckets of atomics.
+//! per-second buckets of atomics. Seconds come from the edge clock.
 
-use cellgate_health::RollingCounter;
+use cellgate_snapshot::RollingCounter;
 
 /// See the module docs.
 #[derive(Debug)]

@@ -4,21 +4,23 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
-use arc_swap::ArcSwap;
 use cellgate_config::{ProxySettings, ServiceName, ShardKeySource};
-use cellgate_health::{now, PassiveReporter, TrafficStats, UpstreamOutcome};
-use cellgate_routing::{steer, CellState, DrainMode, RouteQuery, RoutingTable};
+use cellgate_routing::{steer, CellIdx, CellState, DrainMode, EndpointKind, RouteQuery};
+use cellgate_snapshot::{metrics::L4_REJECTS, Clock, Snapshot, Snapshots, UpstreamOutcome};
 use rand::Rng;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::Semaphore,
-    task::JoinHandle,
+    sync::{watch, Semaphore},
 };
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::sni::{self, HelloError};
 
@@ -34,74 +36,85 @@ pub enum Binding {
 /// Shared by every L4 listener.
 #[derive(Debug)]
 pub struct L4Proxy {
-    pub tables: Arc<ArcSwap<RoutingTable>>,
-    pub passive: PassiveReporter,
-    pub traffic: TrafficStats,
+    pub snapshots: Arc<Snapshots>,
     pub settings: ProxySettings,
 }
 
-fn reject(reason: &'static str, peer: SocketAddr) {
+fn reject(s: &Snapshot, reason: &'static str, peer: SocketAddr) {
     tracing::debug!(%peer, reason, "l4 connection closed");
-    metrics::counter!("cellgate_l4_rejected_total", "reason" => reason).increment(1);
+    let i = L4_REJECTS.iter().position(|r| *r == reason).unwrap_or(L4_REJECTS.len());
+    s.edge.l4_rejected(i).increment(1);
 }
 
-/// Binds `addr` and serves connections until the runtime stops.
+/// Serves connections on a bound listener until `shutdown` turns true;
+/// every connection runs as a task of `conns` and ends when `cancel` fires
+/// (after the grace period).
 pub async fn serve(
-    addr: SocketAddr,
+    listener: TcpListener,
     binding: Binding,
     proxy: Arc<L4Proxy>,
-) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
-    let listener = TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
+    shutdown: watch::Receiver<bool>,
+    conns: TaskTracker,
+    cancel: CancellationToken,
+) {
+    let Ok(local) = listener.local_addr() else { return };
     let limit = Arc::new(Semaphore::new(proxy.settings.max_connections));
-    let task = tokio::spawn(async move {
-        loop {
-            let (stream, peer) = match listener.accept().await {
+    let mut stop = shutdown;
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::warn!(error = %e, "l4 accept");
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
-            };
-            let Ok(permit) = limit.clone().try_acquire_owned() else {
-                reject("connection_limit", peer);
-                continue;
-            };
-            let (proxy, binding) = (proxy.clone(), binding.clone());
-            tokio::spawn(async move {
-                proxy.handle(stream, peer, local, &binding).await;
-                drop(permit);
-            });
-        }
-    });
-    Ok((local, task))
+            },
+            _ = crate::listen::stopped(&mut stop) => return,
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            reject(&proxy.snapshots.load(), "connection_limit", peer);
+            continue;
+        };
+        let (proxy, binding, cancel) = (proxy.clone(), binding.clone(), cancel.clone());
+        conns.spawn(async move {
+            tokio::select! {
+                _ = proxy.handle(stream, peer, local, &binding) => {}
+                _ = cancel.cancelled() => {}
+            }
+            drop(permit);
+        });
+    }
 }
 
 impl L4Proxy {
     async fn handle(&self, mut client: TcpStream, peer: SocketAddr, local: SocketAddr, binding: &Binding) {
         let _ = client.set_nodelay(true);
-        let table = self.tables.load_full();
+        let clock = self.snapshots.clock().clone();
+        let snapshot = self.snapshots.load_full();
+        let table = &snapshot.table;
         let (svc, sni, hello) = match binding {
             Binding::Service(name) => match table.service_idx(name.as_str()) {
                 Some(s) => (s, None, Vec::new()),
-                None => return reject("no_service", peer),
+                None => return reject(&snapshot, "no_service", peer),
             },
             Binding::Sni => {
-                let hello =
-                    match tokio::time::timeout(self.settings.client_hello_timeout, read_hello(&mut client)).await {
-                        Err(_) => return reject("client_hello_timeout", peer),
-                        Ok(Err(why)) => return reject(why, peer),
-                        Ok(Ok(h)) => h,
-                    };
+                let hello = match clock
+                    .timeout(self.settings.client_hello_timeout, read_hello(&mut client))
+                    .await
+                {
+                    Err(_) => return reject(&snapshot, "client_hello_timeout", peer),
+                    Ok(Err(why)) => return reject(&snapshot, why, peer),
+                    Ok(Ok(h)) => h,
+                };
                 let name = match sni::server_name(&hello) {
                     Ok(Some(n)) => n,
-                    Ok(None) => return reject("no_sni", peer),
-                    Err(_) => return reject("bad_client_hello", peer),
+                    Ok(None) => return reject(&snapshot, "no_sni", peer),
+                    Err(_) => return reject(&snapshot, "bad_client_hello", peer),
                 };
                 match table.service_by_host(&name) {
                     Some(s) => (s, Some(name), hello),
-                    None => return reject("unknown_sni", peer),
+                    None => return reject(&snapshot, "unknown_sni", peer),
                 }
             }
         };
@@ -124,49 +137,55 @@ impl L4Proxy {
             seed: rand::rng().random(),
             limit: 1 + self.settings.max_retries as usize,
         };
-        let d = steer(&table, &query, now());
-        // Connect: every endpoint of the first cell, then the next cell.
+        let d = steer(table, &query, clock.now());
+        // Connect: the usable TCP endpoints of the first cell (all of them
+        // if none is), then the next cell. Every outcome feeds the
+        // endpoint's passive health.
         let mut upstream = None;
         'cells: for cand in d.candidates() {
-            let endpoints = &table.cell_spec(cand.cell).tcp;
-            let start = if endpoints.is_empty() {
-                0
-            } else {
-                rand::rng().random_range(0..endpoints.len())
-            };
-            for i in 0..endpoints.len() {
-                let addr = endpoints[(start + i) % endpoints.len()];
-                match tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr)).await {
+            let pool = table.cell(cand.cell).pool(EndpointKind::Tcp);
+            let n = pool.len();
+            let start = if n == 0 { 0 } else { rand::rng().random_range(0..n) };
+            for i in 0..n {
+                let Some(idx) = pool.get((start + i) % n) else { continue };
+                let addr = snapshot.endpoint(idx).addr;
+                match clock
+                    .timeout(self.settings.connect_timeout, TcpStream::connect(addr))
+                    .await
+                {
                     Ok(Ok(s)) => {
-                        self.passive.report(addr, UpstreamOutcome::Success);
-                        upstream = Some((s, cand.cell));
+                        snapshot.report(idx, UpstreamOutcome::Success);
+                        upstream = Some((s, cand.cell, idx));
                         break 'cells;
                     }
-                    Ok(Err(_)) => self.passive.report(addr, UpstreamOutcome::ConnectFailure),
-                    Err(_) => self.passive.report(addr, UpstreamOutcome::Timeout),
+                    Ok(Err(_)) => snapshot.report(idx, UpstreamOutcome::ConnectFailure),
+                    Err(_) => snapshot.report(idx, UpstreamOutcome::Timeout),
                 }
             }
         }
-        let Some((mut up, cell)) = upstream else {
-            return reject(if d.is_empty() { "no_cell" } else { "connect_failed" }, peer);
+        let Some((mut up, cell, idx)) = upstream else {
+            return reject(&snapshot, if d.is_empty() { "no_cell" } else { "connect_failed" }, peer);
         };
+        let _inflight = snapshot.endpoint(idx).begin();
         let _ = up.set_nodelay(true);
         let cell_id = table.cell(cell).id.clone();
-        self.traffic.request(spec.name.as_str(), cell_id.as_str(), false);
-        let labels = [("service", spec.name.to_string()), ("cell", cell_id.to_string())];
-        metrics::counter!("cellgate_l4_connections_total", &labels).increment(1);
+        snapshot.traffic().request(svc, cell, false, clock.now_secs());
+        let pair = snapshot.pair(svc, cell);
+        if let Some(m) = pair {
+            m.l4_connections.increment(1);
+        }
         if spec.proxy_protocol && up.write_all(&proxy_v2(peer, local)).await.is_err() {
-            return reject("upstream_write", peer);
+            return reject(&snapshot, "upstream_write", peer);
         }
         if !hello.is_empty() && up.write_all(&hello).await.is_err() {
-            return reject("upstream_write", peer);
+            return reject(&snapshot, "upstream_write", peer);
         }
         let started = Instant::now();
-        let (to_cell, to_client, why) = self.splice(&mut client, &mut up, cell_id.as_str()).await;
-        metrics::counter!("cellgate_l4_bytes_total", "service" => spec.name.to_string(), "cell" => cell_id.to_string(), "direction" => "to_cell")
-            .increment(to_cell + hello.len() as u64);
-        metrics::counter!("cellgate_l4_bytes_total", "service" => spec.name.to_string(), "cell" => cell_id.to_string(), "direction" => "to_client")
-            .increment(to_client);
+        let (to_cell, to_client, why) = self.splice(&mut client, &mut up, &snapshot, cell).await;
+        if let Some(m) = pair {
+            m.l4_bytes_to_cell.increment(to_cell + hello.len() as u64);
+            m.l4_bytes_to_client.increment(to_client);
+        }
         tracing::info!(
             target: "cellgate::access",
             l4 = true,
@@ -182,81 +201,114 @@ impl L4Proxy {
         );
     }
 
-    /// Whether a connection to `cell` must close now: hard drain, or a soft
-    /// drain whose deadline passed.
-    fn drained_out(&self, cell: &str) -> bool {
-        let t = self.tables.load();
-        let Some(idx) = t.cell_idx(cell) else { return true };
-        match t.cell(idx).state {
-            CellState::Drained(d) => d.mode == DrainMode::Hard || d.deadline.is_some_and(|dl| now() >= dl),
-            _ => false,
-        }
-    }
-
     /// Copies both ways until both sides close, the connection idles past
-    /// the timeout, or its cell is drained out. Returns bytes each way and
-    /// why it ended. The two directions run independently: a copy that
-    /// waits to write one way never stops the other way from draining.
-    async fn splice(&self, a: &mut TcpStream, b: &mut TcpStream, cell: &str) -> (u64, u64, &'static str) {
-        use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    /// the timeout, or its cell is drained out (a hard drain, or a soft
+    /// drain whose deadline passed). Returns bytes each way and why it
+    /// ended. The two directions run independently: a copy that waits to
+    /// write one way never stops the other way from draining. Timers run
+    /// on the edge clock; drains are noticed when a table is published,
+    /// not by polling.
+    async fn splice(
+        &self,
+        a: &mut TcpStream,
+        b: &mut TcpStream,
+        snapshot: &Arc<Snapshot>,
+        cell: CellIdx,
+    ) -> (u64, u64, &'static str) {
+        let clock = self.snapshots.clock();
         let (mut ar, mut aw) = a.split();
         let (mut br, mut bw) = b.split();
-        let start = Instant::now();
-        let last = AtomicU64::new(0); // ms since start of the last byte moved
+        let last = AtomicU64::new(clock.elapsed().as_millis() as u64); // of the last byte moved
         let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
         let both = async {
             tokio::join!(
-                copy_one(&mut ar, &mut bw, &up, &last, start),
-                copy_one(&mut br, &mut aw, &down, &last, start)
+                copy_one(&mut ar, &mut bw, &up, &last, clock),
+                copy_one(&mut br, &mut aw, &down, &last, clock)
             );
         };
-        let watchdog = async {
-            let mut tick = tokio::time::interval(Duration::from_millis(250));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let idle = async {
             loop {
-                tick.tick().await;
-                let idle = start
-                    .elapsed()
-                    .saturating_sub(Duration::from_millis(last.load(Relaxed)));
-                if idle >= self.settings.l4_idle_timeout {
+                let at = Duration::from_millis(last.load(Relaxed)) + self.settings.l4_idle_timeout;
+                clock.sleep_until(at).await;
+                let now = clock.elapsed();
+                if now.saturating_sub(Duration::from_millis(last.load(Relaxed))) >= self.settings.l4_idle_timeout {
                     return "idle_timeout";
-                }
-                if self.drained_out(cell) {
-                    return "cell_drained";
                 }
             }
         };
+        let drained = self.drained_out(snapshot, cell);
         let why = tokio::select! {
             _ = both => "closed",
-            why = watchdog => why,
+            why = idle => why,
+            why = drained => why,
         };
         (up.load(Relaxed), down.load(Relaxed), why)
+    }
+
+    /// Resolves when the connection's cell is drained out: at once for a
+    /// hard drain, at the deadline for a soft one.
+    async fn drained_out(&self, first: &Arc<Snapshot>, cell: CellIdx) -> &'static str {
+        let clock = self.snapshots.clock();
+        // Subscribe first, then read the current snapshot: a drain
+        // published in between is in the snapshot or wakes the watch.
+        let mut generations = self.snapshots.subscribe();
+        let id = first.table.cell(cell).id.clone();
+        let mut snapshot = self.snapshots.load_full();
+        loop {
+            // The cell's index in this snapshot (configs may reorder cells).
+            let state = snapshot
+                .table
+                .cell_idx(id.as_str())
+                .map(|c| snapshot.table.cell(c).state);
+            let deadline = match state {
+                None => return "cell_removed",
+                Some(CellState::Drained(d)) if d.mode == DrainMode::Hard => return "cell_drained",
+                Some(CellState::Drained(d)) => d.deadline,
+                Some(_) => None,
+            };
+            let until_deadline = deadline.map(|t| t.since(clock.now()));
+            if until_deadline == Some(Duration::ZERO) {
+                return "cell_drained";
+            }
+            tokio::select! {
+                changed = generations.changed() => {
+                    if changed.is_err() {
+                        return std::future::pending().await;
+                    }
+                    snapshot = self.snapshots.load_full();
+                }
+                _ = sleep_opt(clock, until_deadline) => return "cell_drained",
+            }
+        }
+    }
+}
+
+async fn sleep_opt(clock: &Clock, d: Option<Duration>) {
+    match d {
+        Some(d) => clock.sleep(d).await,
+        None => std::future::pending().await,
     }
 }
 
 /// One direction: read, write, count, note the time; shut the write side
 /// when the read side ends.
-async fn copy_one<R, W>(
-    r: &mut R,
-    w: &mut W,
-    n: &std::sync::atomic::AtomicU64,
-    last: &std::sync::atomic::AtomicU64,
-    start: Instant,
-) where
+async fn copy_one<R, W>(r: &mut R, w: &mut W, n: &AtomicU64, last: &AtomicU64, clock: &Clock)
+where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
 {
-    use std::sync::atomic::Ordering::Relaxed;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match r.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(k) => {
+                // Activity counts from when the bytes arrived (before they
+                // are passed on, so nothing downstream sees them earlier).
+                last.store(clock.elapsed().as_millis() as u64, Relaxed);
                 if w.write_all(&buf[..k]).await.is_err() {
                     break;
                 }
                 n.fetch_add(k as u64, Relaxed);
-                last.store(start.elapsed().as_millis() as u64, Relaxed);
             }
         }
     }

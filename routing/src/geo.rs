@@ -4,11 +4,67 @@
 //! points exactly as the great-circle distance does, so "nearest" needs no
 //! trigonometry per comparison, and a 3-d k-d tree answers it in O(log n).
 
-use cellgate_config::GeoPoint;
+use std::{fmt, sync::Arc};
+
+use cellgate_config::{Country, GeoPoint};
 
 use crate::CellIdx;
 
 const EARTH_RADIUS_KM: f64 = 6371.0088;
+
+/// A MaxMind DB in GeoIP2/GeoLite2/DB-IP City layout, read into memory.
+///
+/// Not memory-mapped: mapping is `unsafe` (the file could change under the
+/// mapping) and every cellgate crate forbids `unsafe`. A City database is
+/// tens of MB; a config reload reads it again and swaps it atomically.
+#[derive(Clone)]
+pub struct GeoDatabase(Arc<maxminddb::Reader<Vec<u8>>>);
+
+impl fmt::Debug for GeoDatabase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "GeoDatabase({})", self.0.metadata().database_type)
+    }
+}
+
+/// What a geo source knows of an address.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GeoMatch {
+    pub location: GeoPoint,
+    pub country: Country,
+    /// Prefix length of the matching network.
+    pub prefix_len: u8,
+}
+
+impl GeoDatabase {
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, String> {
+        maxminddb::Reader::from_source(bytes)
+            .map(|r| Self(Arc::new(r)))
+            .map_err(|e| e.to_string())
+    }
+
+    /// Location (and country, when present) of `ip`; `None` when the
+    /// database has no coordinates for it.
+    pub fn lookup(&self, ip: std::net::IpAddr) -> Option<GeoMatch> {
+        let result = self.0.lookup(ip).ok()?;
+        if !result.has_data() {
+            return None;
+        }
+        let prefix_len = result.network().ok()?.prefix();
+        let city: maxminddb::geoip2::City<'_> = result.decode().ok()??;
+        let location = GeoPoint::new(city.location.latitude?, city.location.longitude?)?;
+        let country = city
+            .country
+            .iso_code
+            .or(city.registered_country.iso_code)
+            .and_then(Country::parse)
+            .unwrap_or(Country::UNKNOWN);
+        Some(GeoMatch {
+            location,
+            country,
+            prefix_len,
+        })
+    }
+}
 
 pub type Unit = [f64; 3];
 

@@ -20,15 +20,19 @@ mod steer;
 mod sticky;
 mod table;
 mod time;
+mod zones;
 
 pub use cellgate_config as config;
+pub use geo::{GeoDatabase, GeoMatch};
 pub use steer::{steer, Candidate, Client, Decision, Outcome, Reason, RouteQuery};
 pub use sticky::{StickyKey, StickyToken};
 pub use table::{
-    CellEntry, CellIdx, CellMeasurement, CellState, Drain, DrainMode, EndpointMeasurement, Health, Located,
-    Measurements, OperatorState, Pins, RoutingTable, ServiceIdx, ServiceRoute,
+    endpoints, CellEntry, CellIdx, CellMeasurement, CellState, Drain, DrainMode, Endpoint, EndpointIdx, EndpointKind,
+    EndpointMeasurement, Health, Located, Measurements, OperatorState, Pins, Pool, RoutingTable, ServiceIdx,
+    ServiceRoute,
 };
 pub use time::Timestamp;
+pub use zones::{Zone, Zones};
 
 #[cfg(test)]
 mod tests;

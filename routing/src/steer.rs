@@ -28,7 +28,7 @@ pub struct RouteQuery<'a> {
     /// The request's shard key (tenant, user), if the service has a source.
     pub shard_key: Option<&'a str>,
     /// The cell named by a *verified* sticky token.
-    pub sticky_cell: Option<&'a str>,
+    pub sticky_cell: Option<CellIdx>,
     /// Entropy for the `weighted` policy; same seed, same answer.
     pub seed: u64,
     /// How many candidates to return (clamped to 1..=[`Decision::CAP`]).
@@ -266,7 +266,7 @@ pub fn steer(table: &RoutingTable, q: &RouteQuery<'_>, now: Timestamp) -> Decisi
 
     // 2. Sticky session.
     if d.is_empty() {
-        if let Some(c) = q.sticky_cell.and_then(|id| table.cell_idx(id)) {
+        if let Some(c) = q.sticky_cell {
             if bound_ok(c) {
                 d.push(limit, c, Reason::Sticky);
             }

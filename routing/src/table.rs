@@ -10,8 +10,9 @@ use std::{
 use cellgate_config::{AllDown, CellId, Config, Country, HostPattern, Policy, ServiceName};
 
 use crate::{
-    geo::{self, NearestIndex, Unit},
+    geo::{self, GeoDatabase, NearestIndex, Unit},
     hash::ShardRing,
+    zones::Zones,
     Timestamp,
 };
 
@@ -23,6 +24,48 @@ pub struct CellIdx(pub u32);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ServiceIdx(pub u32);
 
+/// Index of an endpoint in [`RoutingTable::endpoints`]: every endpoint of
+/// every cell, cell by cell in config order, a cell's `http` endpoints
+/// before its `tcp` ones. Stable for one config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointIdx(pub u32);
+
+/// Which face of a cell an endpoint serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EndpointKind {
+    /// An `http` endpoint: the L7 proxy's upstream.
+    Http,
+    /// A `tcp` endpoint: the L4 proxy's upstream.
+    Tcp,
+}
+
+/// One endpoint of the config, resolved to indices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: std::net::SocketAddr,
+    pub cell: CellIdx,
+    pub kind: EndpointKind,
+}
+
+/// Every endpoint of `config` in [`EndpointIdx`] order.
+pub fn endpoints(config: &Config) -> Vec<Endpoint> {
+    let mut out = Vec::new();
+    for (i, c) in config.cells.iter().enumerate() {
+        let cell = CellIdx(i as u32);
+        out.extend(c.http.iter().map(|&addr| Endpoint {
+            addr,
+            cell,
+            kind: EndpointKind::Http,
+        }));
+        out.extend(c.tcp.iter().map(|&addr| Endpoint {
+            addr,
+            cell,
+            kind: EndpointKind::Tcp,
+        }));
+    }
+    out
+}
+
 /// What the prober (or passive tracking) thinks of a cell.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum Health {
@@ -33,10 +76,12 @@ pub enum Health {
     Down,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DrainMode {
     /// No new sessions; sticky sessions and bound shard keys stay until the
     /// deadline.
+    #[default]
     Soft,
     /// Nothing new at all, at once.
     Hard,
@@ -60,10 +105,11 @@ pub struct CellMeasurement {
     pub rtt_p99: Option<Duration>,
     /// Utilisation 0..=1 reported by the cell; `None` when unknown.
     pub load: Option<f64>,
+    /// Usable endpoints of the kind that decides the cell's health (its
+    /// `http` ones, else its `tcp` ones) and how many there are.
     pub endpoints_up: u32,
     pub endpoints_total: u32,
-    /// Per endpoint (the cell's `http` endpoints, else its `tcp` ones, in
-    /// config order).
+    /// Every endpoint of the cell, `http` then `tcp`, in config order.
     pub endpoints: Vec<EndpointMeasurement>,
 }
 
@@ -71,6 +117,7 @@ pub struct CellMeasurement {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointMeasurement {
     pub addr: std::net::SocketAddr,
+    pub kind: EndpointKind,
     pub health: Health,
     /// Ejected by passive health (real-traffic failures) for now.
     pub ejected: bool,
@@ -83,10 +130,11 @@ impl EndpointMeasurement {
     }
 }
 
-/// Everything the prober knows, keyed by cell.
+/// Everything the prober knows: one entry per cell of the config, in
+/// config order (a missing entry reads as never measured).
 #[derive(Clone, Debug, Default)]
 pub struct Measurements {
-    pub cells: HashMap<CellId, CellMeasurement>,
+    pub cells: Vec<CellMeasurement>,
     /// Every cell failed at once: more likely this edge lost its network
     /// than every cell died.
     pub prober_blind: bool,
@@ -96,13 +144,18 @@ impl Measurements {
     /// The measurements a table was built from (to build a what-if table).
     pub fn from_table(table: &RoutingTable) -> Self {
         Self {
-            cells: table
-                .cells
-                .iter()
-                .map(|c| (c.id.clone(), c.measurement.clone()))
-                .collect(),
+            cells: table.cells.iter().map(|c| c.measurement.clone()).collect(),
             prober_blind: table.prober_blind,
         }
+    }
+
+    /// The entry of cell `id` of `config`, created (unmeasured) if missing.
+    pub fn cell_mut(&mut self, config: &Config, id: &str) -> Option<&mut CellMeasurement> {
+        let i = config.cells.iter().position(|c| c.id.as_str() == id)?;
+        if self.cells.len() <= i {
+            self.cells.resize_with(config.cells.len(), CellMeasurement::default);
+        }
+        self.cells.get_mut(i)
     }
 }
 
@@ -162,10 +215,57 @@ pub struct CellEntry {
     /// Capacity × operator weight.
     pub weight: f64,
     pub over_limit: bool,
-    /// Endpoints new requests may use (up and not ejected), computed once
-    /// per table so the request path only picks among them.
-    pub usable_endpoints: Vec<std::net::SocketAddr>,
+    /// The cell's `http` and `tcp` endpoints, as ranges of [`EndpointIdx`].
+    pub http: std::ops::Range<u32>,
+    pub tcp: std::ops::Range<u32>,
+    /// Endpoints new requests may use (up and not ejected), per kind,
+    /// computed once per table so the request path only picks among them.
+    pub usable_http: Vec<EndpointIdx>,
+    pub usable_tcp: Vec<EndpointIdx>,
     pub(crate) unit: Unit,
+}
+
+impl CellEntry {
+    /// The endpoints of `kind` a new request or connection may use; every
+    /// endpoint of that kind when none is usable (failing open, or not yet
+    /// probed), so a cell chosen by routing always has somewhere to go.
+    pub fn pool(&self, kind: EndpointKind) -> Pool<'_> {
+        let (usable, all) = match kind {
+            EndpointKind::Http => (&self.usable_http, &self.http),
+            EndpointKind::Tcp => (&self.usable_tcp, &self.tcp),
+        };
+        if usable.is_empty() {
+            Pool::All(all.clone())
+        } else {
+            Pool::Usable(usable)
+        }
+    }
+}
+
+/// Endpoints to pick from: see [`CellEntry::pool`].
+#[derive(Clone, Debug)]
+pub enum Pool<'a> {
+    Usable(&'a [EndpointIdx]),
+    All(std::ops::Range<u32>),
+}
+
+impl Pool<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Pool::Usable(v) => v.len(),
+            Pool::All(r) => r.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The `i`th endpoint of the pool (`i < len()`).
+    pub fn get(&self, i: usize) -> Option<EndpointIdx> {
+        match self {
+            Pool::Usable(v) => v.get(i).copied(),
+            Pool::All(r) => r.clone().nth(i).map(EndpointIdx),
+        }
+    }
 }
 
 impl CellEntry {
@@ -263,7 +363,13 @@ impl ServiceRoute {
 pub struct RoutingTable {
     pub generation: u64,
     pub config: Arc<Config>,
+    /// The geo database the table locates clients with, if any.
+    pub geo: Option<GeoDatabase>,
     pub cells: Vec<CellEntry>,
+    /// Every endpoint, indexed by [`EndpointIdx`].
+    pub endpoints: Arc<Vec<Endpoint>>,
+    /// The config's DNS zones, indexed for answering.
+    pub zones: Arc<Zones>,
     pub services: Vec<ServiceRoute>,
     pub prober_blind: bool,
     pub(crate) cell_index: Arc<HashMap<CellId, CellIdx>>,
@@ -292,17 +398,24 @@ impl RoutingTable {
     /// operator change is cheap.
     pub fn build(
         config: Arc<Config>,
+        geo: Option<GeoDatabase>,
         measurements: &Measurements,
         operator: &OperatorState,
         previous: Option<&RoutingTable>,
         generation: u64,
     ) -> RoutingTable {
         let same_config = previous.is_some_and(|p| Arc::ptr_eq(&p.config, &config));
+        let endpoints = match previous {
+            Some(p) if same_config => p.endpoints.clone(),
+            _ => Arc::new(endpoints(&config)),
+        };
+        let mut next_endpoint = 0u32;
         let cells: Vec<CellEntry> = config
             .cells
             .iter()
-            .map(|c| {
-                let m = measurements.cells.get(&c.id).cloned().unwrap_or_default();
+            .enumerate()
+            .map(|(ci, c)| {
+                let m = measurements.cells.get(ci).cloned().unwrap_or_default();
                 let drain = operator.drains.get(&c.id).copied();
                 let state = match (drain, m.health) {
                     (Some(d), _) => CellState::Drained(d),
@@ -311,11 +424,29 @@ impl RoutingTable {
                     (None, Health::Unknown) => CellState::Unknown,
                 };
                 let weight = c.capacity * operator.weights.get(&c.id).copied().unwrap_or(1.0).max(0.0);
+                let http = next_endpoint..next_endpoint + c.http.len() as u32;
+                let tcp = http.end..http.end + c.tcp.len() as u32;
+                next_endpoint = tcp.end;
+                // `m.endpoints` lists the cell's endpoints in the same
+                // order as its index range: http, then tcp.
+                let base = http.start;
+                let usable = |range: &std::ops::Range<u32>| -> Vec<EndpointIdx> {
+                    range
+                        .clone()
+                        .filter(|&i| m.endpoints.get((i - base) as usize).is_some_and(|e| e.usable()))
+                        .map(EndpointIdx)
+                        .collect()
+                };
+                let usable_http = usable(&http);
+                let usable_tcp = usable(&tcp);
                 CellEntry {
                     id: c.id.clone(),
                     state,
                     over_limit: m.load.is_some_and(|l| l > c.load_limit),
-                    usable_endpoints: m.endpoints.iter().filter(|e| e.usable()).map(|e| e.addr).collect(),
+                    http,
+                    tcp,
+                    usable_http,
+                    usable_tcp,
                     measurement: m,
                     drain,
                     weight,
@@ -400,8 +531,15 @@ impl RoutingTable {
                 Arc::new(n)
             }
         };
+        let zones = match previous {
+            Some(p) if same_config => p.zones.clone(),
+            _ => Arc::new(Zones::new(&config)),
+        };
         RoutingTable {
             generation,
+            geo,
+            endpoints,
+            zones,
             networks,
             edge_unit: geo::unit(config.edge.location),
             config,
@@ -428,6 +566,10 @@ impl RoutingTable {
     /// The cell's static description from config.
     pub fn cell_spec(&self, idx: CellIdx) -> &cellgate_config::Cell {
         &self.config.cells[idx.0 as usize]
+    }
+
+    pub fn endpoint(&self, idx: EndpointIdx) -> &Endpoint {
+        &self.endpoints[idx.0 as usize]
     }
 
     pub fn service(&self, idx: ServiceIdx) -> &ServiceRoute {
@@ -504,7 +646,7 @@ impl RoutingTable {
                 prefix_len: n.net.prefix_len(),
             });
         }
-        let m = self.config.geo.database.as_ref()?.lookup(ip)?;
+        let m = self.geo.as_ref()?.lookup(ip)?;
         // An IPv4 address found in the IPv6 tree of the database carries
         // an IPv6 prefix (96 + n); report it in IPv4 terms.
         let prefix_len = if ip.is_ipv4() && m.prefix_len > 32 {

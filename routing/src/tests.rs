@@ -32,27 +32,25 @@ fn config(n: usize, policy: &str, extra: &str) -> Arc<Config> {
 fn all_up(c: &Config) -> Measurements {
     let mut m = Measurements::default();
     for (i, cell) in c.cells.iter().enumerate() {
-        m.cells.insert(
-            cell.id.clone(),
-            CellMeasurement {
-                health: Health::Up,
-                srtt: Some(Duration::from_millis(10 + 5 * i as u64)),
-                load: Some(0.1),
-                endpoints_up: 1,
-                endpoints_total: 1,
-                ..Default::default()
-            },
-        );
+        let _ = cell;
+        m.cells.push(CellMeasurement {
+            health: Health::Up,
+            srtt: Some(Duration::from_millis(10 + 5 * i as u64)),
+            load: Some(0.1),
+            endpoints_up: 1,
+            endpoints_total: 1,
+            ..Default::default()
+        });
     }
     m
 }
 
 fn table(c: &Arc<Config>, m: &Measurements, op: &OperatorState) -> RoutingTable {
-    RoutingTable::build(c.clone(), m, op, None, 1)
+    RoutingTable::build(c.clone(), None, m, op, None, 1)
 }
 
-fn set_health(m: &mut Measurements, id: &str, h: Health) {
-    m.cells.get_mut(id).expect("cell").health = h;
+fn set_health(c: &Config, m: &mut Measurements, id: &str, h: Health) {
+    m.cell_mut(c, id).expect("cell").health = h;
 }
 
 fn ids(t: &RoutingTable, d: &Decision) -> Vec<String> {
@@ -73,8 +71,8 @@ fn failover_policy_follows_config_order_and_skips_down_cells() {
     let d = steer(&t, &q(&t), NOW);
     assert_eq!(ids(&t, &d), ["c0", "c1", "c2"]);
     assert_eq!(d.outcome, Outcome::Routed);
-    set_health(&mut m, "c0", Health::Down);
-    set_health(&mut m, "c2", Health::Unknown);
+    set_health(&c, &mut m, "c0", Health::Down);
+    set_health(&c, &mut m, "c2", Health::Unknown);
     let t = table(&c, &m, &OperatorState::default());
     assert_eq!(ids(&t, &steer(&t, &q(&t), NOW)), ["c1", "c3"]);
 }
@@ -86,7 +84,7 @@ fn latency_policy_penalises_load() {
     let t = table(&c, &m, &OperatorState::default());
     assert_eq!(ids(&t, &steer(&t, &q(&t), NOW)), ["c0", "c1", "c2"]);
     // c0 at 10ms with load 0.75 scores 10 × 2.5 = 25 > c1's 15 × 1.2 = 18.
-    m.cells.get_mut("c0").expect("c0").load = Some(0.75);
+    m.cell_mut(&c, "c0").expect("c0").load = Some(0.75);
     let t = table(&c, &m, &OperatorState::default());
     let d = steer(&t, &q(&t), NOW);
     assert_eq!(ids(&t, &d), ["c1", "c2", "c0"]);
@@ -103,7 +101,7 @@ fn latency_policy_penalises_load() {
 fn over_limit_cells_spill_after_the_rest() {
     let c = config(3, "failover", "");
     let mut m = all_up(&c);
-    m.cells.get_mut("c0").expect("c0").load = Some(0.95);
+    m.cell_mut(&c, "c0").expect("c0").load = Some(0.95);
     let t = table(&c, &m, &OperatorState::default());
     let d = steer(&t, &q(&t), NOW);
     assert_eq!(ids(&t, &d), ["c1", "c2", "c0"]);
@@ -158,12 +156,12 @@ fn shard_key_goes_home_fails_over_along_its_own_order_and_returns() {
     assert_eq!(d.candidates()[0].reason, Reason::ShardHome);
     let order = ids(&t, &d);
     let home = order[0].clone();
-    set_health(&mut m, &home, Health::Down);
+    set_health(&c, &mut m, &home, Health::Down);
     let t2 = table(&c, &m, &OperatorState::default());
     let d2 = steer(&t2, &query, NOW);
     assert_eq!(ids(&t2, &d2)[0], order[1], "the key's own second choice takes over");
     assert!(matches!(d2.candidates()[0].reason, Reason::ShardFailover { .. }));
-    set_health(&mut m, &home, Health::Up);
+    set_health(&c, &mut m, &home, Health::Up);
     let t3 = table(&c, &m, &OperatorState::default());
     assert_eq!(ids(&t3, &steer(&t3, &query, NOW))[0], home, "back home after recovery");
 }
@@ -177,9 +175,9 @@ fn shard_slow_path_when_every_precomputed_choice_is_out() {
     let full = svc.ring.full_order(b"k");
     let top: Vec<CellIdx> = svc.ring.order(b"k").collect();
     assert_eq!(&full[..top.len()], &top[..], "bucket table agrees with the full order");
-    for c in &top {
-        let id = t.cell(*c).id.to_string();
-        set_health(&mut m, &id, Health::Down);
+    for cell in &top {
+        let id = t.cell(*cell).id.to_string();
+        set_health(&c, &mut m, &id, Health::Down);
     }
     let t = table(&c, &m, &OperatorState::default());
     let mut query = q(&t);
@@ -216,16 +214,13 @@ fn sticky_cell_is_kept_while_eligible() {
     let mut m = all_up(&c);
     let t = table(&c, &m, &OperatorState::default());
     let mut query = q(&t);
-    query.sticky_cell = Some("c2");
+    query.sticky_cell = t.cell_idx("c2");
     let d = steer(&t, &query, NOW);
     assert_eq!(ids(&t, &d), ["c2", "c0", "c1"]);
     assert_eq!(d.candidates()[0].reason, Reason::Sticky);
-    set_health(&mut m, "c2", Health::Down);
+    set_health(&c, &mut m, "c2", Health::Down);
     let t = table(&c, &m, &OperatorState::default());
     assert_eq!(ids(&t, &steer(&t, &query, NOW)), ["c0", "c1"]);
-    // An unknown cell id is ignored.
-    query.sticky_cell = Some("nope");
-    assert_eq!(steer(&t, &query, NOW).primary(), t.cell_idx("c0"));
 }
 
 #[test]
@@ -247,7 +242,7 @@ fn soft_drain_keeps_bound_traffic_until_the_deadline_hard_drain_does_not() {
     assert_eq!(ids(&t, &steer(&t, &q(&t), NOW)), ["c1", "c2"]);
     // A sticky session on it stays until the deadline...
     let mut sticky = q(&t);
-    sticky.sticky_cell = Some("c0");
+    sticky.sticky_cell = t.cell_idx("c0");
     assert_eq!(ids(&t, &steer(&t, &sticky, NOW))[0], "c0");
     assert_eq!(ids(&t, &steer(&t, &sticky, deadline))[0], "c1");
     // ...and so does a shard key whose home it is.
@@ -289,9 +284,9 @@ fn soft_drain_keeps_bound_traffic_until_the_deadline_hard_drain_does_not() {
 fn all_down_open_fails_open_on_the_least_bad() {
     let c = config(3, "failover", "");
     let mut m = all_up(&c);
-    set_health(&mut m, "c0", Health::Down);
-    set_health(&mut m, "c1", Health::Unknown);
-    set_health(&mut m, "c2", Health::Down);
+    set_health(&c, &mut m, "c0", Health::Down);
+    set_health(&c, &mut m, "c1", Health::Unknown);
+    set_health(&c, &mut m, "c2", Health::Down);
     let mut op = OperatorState::default();
     op.drains.insert(
         CellId::new("c2"),
@@ -312,8 +307,8 @@ fn all_down_open_fails_open_on_the_least_bad() {
 fn all_down_closed_refuses() {
     let c = config(2, "failover", "all_down = \"closed\"");
     let mut m = all_up(&c);
-    set_health(&mut m, "c0", Health::Down);
-    set_health(&mut m, "c1", Health::Down);
+    set_health(&c, &mut m, "c0", Health::Down);
+    set_health(&c, &mut m, "c1", Health::Down);
     let t = table(&c, &m, &OperatorState::default());
     let d = steer(&t, &q(&t), NOW);
     assert_eq!(d.outcome, Outcome::Refused);
@@ -325,14 +320,14 @@ fn all_down_fallback_uses_the_fallback_cell() {
     let c = config(3, "failover", "all_down = { fallback = \"c2\" }");
     let mut m = all_up(&c);
     for id in ["c0", "c1", "c2"] {
-        set_health(&mut m, id, Health::Down);
+        set_health(&c, &mut m, id, Health::Down);
     }
     let t = table(&c, &m, &OperatorState::default());
     let d = steer(&t, &q(&t), NOW);
     assert_eq!(d.outcome, Outcome::Fallback);
     assert_eq!(ids(&t, &d), ["c2"]);
     // Any eligible cell beats the fallback.
-    set_health(&mut m, "c1", Health::Up);
+    set_health(&c, &mut m, "c1", Health::Up);
     let t = table(&c, &m, &OperatorState::default());
     assert_eq!(ids(&t, &steer(&t, &q(&t), NOW)), ["c1"]);
 }
@@ -358,8 +353,8 @@ fn rebuild_reuses_membership_work() {
     let c = config(4, "latency", "shard_key = { header = \"x-tenant\" }");
     let mut m = all_up(&c);
     let t1 = table(&c, &m, &OperatorState::default());
-    set_health(&mut m, "c1", Health::Down);
-    let t2 = RoutingTable::build(c.clone(), &m, &OperatorState::default(), Some(&t1), 2);
+    set_health(&c, &mut m, "c1", Health::Down);
+    let t2 = RoutingTable::build(c.clone(), None, &m, &OperatorState::default(), Some(&t1), 2);
     assert!(Arc::ptr_eq(&t1.services[0].ring, &t2.services[0].ring));
     assert!(Arc::ptr_eq(&t1.config_pins, &t2.config_pins));
     assert_eq!(t2.generation, 2);
@@ -457,7 +452,7 @@ proptest! {
         let mut op = OperatorState::default();
         for (i, (h, dr)) in st.iter().enumerate() {
             let id = format!("c{i}");
-            set_health(&mut m, &id, [Health::Up, Health::Down, Health::Unknown][*h as usize]);
+            set_health(&c, &mut m, &id, [Health::Up, Health::Down, Health::Unknown][*h as usize]);
             if *dr > 0 {
                 op.drains.insert(CellId::new(&id), Drain { mode: if *dr == 1 { DrainMode::Soft } else { DrainMode::Hard }, started: NOW, deadline: None });
             }
@@ -469,7 +464,7 @@ proptest! {
         let mut query = q(&t);
         query.client.country = Country::parse(country_code);
         query.shard_key = Some(&key);
-        query.sticky_cell = Some(&sticky_id);
+        query.sticky_cell = t.cell_idx(&sticky_id);
         query.seed = seed;
         query.limit = 8;
         let d = steer(&t, &query, NOW);
@@ -503,7 +498,7 @@ fn weighted_choice_follows_capacity_times_spare_load() {
     // Capacities are 1, 2, 3 (see `config`); loads 0.1, 0.1, 0.55.
     let c = config(3, "weighted", "");
     let mut m = all_up(&c);
-    m.cells.get_mut("c2").expect("c2").load = Some(0.55);
+    m.cell_mut(&c, "c2").expect("c2").load = Some(0.55);
     let t = table(&c, &m, &OperatorState::default());
     let shares = [1.0 * 0.9, 2.0 * 0.9, 3.0 * 0.45];
     let total: f64 = shares.iter().sum();

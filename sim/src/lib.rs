@@ -1,4 +1,7 @@
-//! A simulated cell backend for the demo, tests and benchmarks.
+//! cellgate sim: a simulated cell backend for the demo, tests and
+//! benchmarks. It stands in for a real cell; the production edge never
+//! carries its code paths (only `cellgate demo` and `cellgate sim-cell`
+//! start one).
 //!
 //! Serves HTTP on `listen` (every request gets a small JSON body naming the
 //! cell, method, path and the forwarding headers it saw; `/healthz` answers
@@ -10,6 +13,8 @@
 //! connections but answer no HTTP request, health checks included, until
 //! `/up`);
 //! `GET /stats`.
+
+#![forbid(unsafe_code)]
 
 use std::{
     convert::Infallible,
