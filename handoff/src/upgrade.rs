@@ -595,3 +595,6 @@ impl Successor {
             .await
     }
 }
+
+#[cfg(test)]
+mod tests;
