@@ -155,9 +155,16 @@ mod tests {
         let path = dir.path().join("notify.sock");
         let systemd = UnixDatagram::bind(&path).expect("bind");
         let n = Notifier::new(path.to_str().expect("utf-8 path")).expect("notifier");
-        n.notify(&[State::MainPid(4242), State::Ready, State::Status("serving\non 3 sockets".into())])
-            .expect("sent");
-        assert_eq!(received(&systemd), "MAINPID=4242\nREADY=1\nSTATUS=serving on 3 sockets\n");
+        n.notify(&[
+            State::MainPid(4242),
+            State::Ready,
+            State::Status("serving\non 3 sockets".into()),
+        ])
+        .expect("sent");
+        assert_eq!(
+            received(&systemd),
+            "MAINPID=4242\nREADY=1\nSTATUS=serving on 3 sockets\n"
+        );
         n.notify(&[State::Stopping]).expect("sent");
         assert_eq!(received(&systemd), "STOPPING=1\n");
     }

@@ -347,11 +347,20 @@ mod tests {
 
     #[test]
     fn names_are_checked() {
-        assert_eq!(SocketName::tcp("127.0.0.1:9000".parse().expect("test socket")).as_str(), "tcp:127.0.0.1:9000");
-        assert_eq!(SocketName::tls_passthrough("[::1]:443".parse().expect("test socket")).as_str(), "tls:[::1]:443");
+        assert_eq!(
+            SocketName::tcp("127.0.0.1:9000".parse().expect("test socket")).as_str(),
+            "tcp:127.0.0.1:9000"
+        );
+        assert_eq!(
+            SocketName::tls_passthrough("[::1]:443".parse().expect("test socket")).as_str(),
+            "tls:[::1]:443"
+        );
         assert!(matches!(SocketName::new(""), Err(Error::InvalidName { .. })));
         assert!(matches!(SocketName::new("a b"), Err(Error::InvalidName { .. })));
-        assert!(matches!(SocketName::new("x".repeat(129)), Err(Error::InvalidName { .. })));
+        assert!(matches!(
+            SocketName::new("x".repeat(129)),
+            Err(Error::InvalidName { .. })
+        ));
         assert!(SocketName::new("dns-udp").is_ok());
         let back: SocketName = serde_json::from_str("\"http\"").expect("test socket");
         assert_eq!(back, SocketName::HTTP);
@@ -363,9 +372,15 @@ mod tests {
         let mut set = SocketSet::new();
         let tcp = TcpListener::bind("127.0.0.1:0").expect("test socket");
         let udp = UdpSocket::bind("127.0.0.1:0").expect("test socket");
-        assert_eq!(set.insert(SocketName::HTTP, &tcp).expect("test socket").kind(), SocketKind::TcpListener);
+        assert_eq!(
+            set.insert(SocketName::HTTP, &tcp).expect("test socket").kind(),
+            SocketKind::TcpListener
+        );
         let s = set.insert(SocketName::DNS_UDP, &udp).expect("test socket");
-        assert_eq!((s.kind(), s.local_addr()), (SocketKind::Udp, udp.local_addr().expect("test socket")));
+        assert_eq!(
+            (s.kind(), s.local_addr()),
+            (SocketKind::Udp, udp.local_addr().expect("test socket"))
+        );
         assert!(matches!(
             set.insert(SocketName::HTTP, &tcp),
             Err(Error::DuplicateName(n)) if n == "http"
@@ -378,7 +393,10 @@ mod tests {
         ));
         // Nor is a file.
         let file = tempfile::tempfile().expect("test socket");
-        assert!(matches!(set.insert(SocketName::ADMIN, &file), Err(Error::Unsupported { .. })));
+        assert!(matches!(
+            set.insert(SocketName::ADMIN, &file),
+            Err(Error::Unsupported { .. })
+        ));
         assert_eq!(set.len(), 2);
     }
 
@@ -390,8 +408,11 @@ mod tests {
         let port = tcp.local_addr().expect("test socket").port();
         set.insert(SocketName::HTTP, &tcp).expect("test socket");
         set.insert(SocketName::DNS_UDP, &udp).expect("test socket");
-        set.insert(SocketName::ADMIN, &TcpListener::bind("127.0.0.1:0").expect("test socket"))
-            .expect("test socket");
+        set.insert(
+            SocketName::ADMIN,
+            &TcpListener::bind("127.0.0.1:0").expect("test socket"),
+        )
+        .expect("test socket");
         // Wrong kind under a name is a bug, said loudly.
         assert!(matches!(
             set.udp_socket(&SocketName::HTTP, "127.0.0.1:0".parse().expect("test socket")),
@@ -399,14 +420,25 @@ mod tests {
         ));
         // Moved in the config: not taken, stays for close_unclaimed.
         assert!(set
-            .tcp_listener(&SocketName::HTTP, format!("127.0.0.1:{}", port.wrapping_add(1)).parse().expect("test socket"))
+            .tcp_listener(
+                &SocketName::HTTP,
+                format!("127.0.0.1:{}", port.wrapping_add(1))
+                    .parse()
+                    .expect("test socket")
+            )
             .expect("test socket")
             .is_none());
         let taken = set
-            .tcp_listener(&SocketName::HTTP, format!("127.0.0.1:{port}").parse().expect("test socket"))
+            .tcp_listener(
+                &SocketName::HTTP,
+                format!("127.0.0.1:{port}").parse().expect("test socket"),
+            )
             .expect("test socket")
             .expect("test socket");
-        assert_eq!(taken.local_addr().expect("test socket"), tcp.local_addr().expect("test socket"));
+        assert_eq!(
+            taken.local_addr().expect("test socket"),
+            tcp.local_addr().expect("test socket")
+        );
         // Port 0 in the config takes whatever port the socket has.
         assert!(set
             .udp_socket(&SocketName::DNS_UDP, "127.0.0.1:0".parse().expect("test socket"))

@@ -166,26 +166,32 @@ impl Handoff {
         let (message, fds) = self.read(&stream, phase, self.timeouts.exchange).await?;
         let Message::Offer { pid, build, sockets } = message else {
             let got = message.name();
-            self.reply(&stream, phase, Message::Rejected {
-                reason: format!("expected an offer, got `{got}`"),
-            })
+            self.reply(
+                &stream,
+                phase,
+                Message::Rejected {
+                    reason: format!("expected an offer, got `{got}`"),
+                },
+            )
             .await;
-            return Err(protocol(phase, ProtocolError::Unexpected {
-                expected: "offer",
-                got,
-            }));
+            return Err(protocol(phase, ProtocolError::Unexpected { expected: "offer", got }));
         };
         let set = match check_offer(sockets, fds) {
             Ok(set) => set,
             Err(e) => {
-                self.reply(&stream, phase, Message::Rejected { reason: e.to_string() }).await;
+                self.reply(&stream, phase, Message::Rejected { reason: e.to_string() })
+                    .await;
                 return Err(protocol(phase, e));
             }
         };
-        self.write(&stream, phase, &Message::Accepted {
-            pid: std::process::id(),
-            sockets: set.len(),
-        })
+        self.write(
+            &stream,
+            phase,
+            &Message::Accepted {
+                pid: std::process::id(),
+                sockets: set.len(),
+            },
+        )
         .await?;
         tracing::info!(
             from_pid = pid,
@@ -253,10 +259,13 @@ impl Handoff {
                 ProtocolError::Set(format!("{count} sockets sent but {sockets} accepted")),
             )),
             Message::Rejected { reason } => Err(Error::Rejected { reason }),
-            other => Err(protocol(phase, ProtocolError::Unexpected {
-                expected: "accepted or rejected",
-                got: other.name(),
-            })),
+            other => Err(protocol(
+                phase,
+                ProtocolError::Unexpected {
+                    expected: "accepted or rejected",
+                    got: other.name(),
+                },
+            )),
         }
     }
 
@@ -330,10 +339,13 @@ impl Handoff {
     async fn read_plain(&self, stream: &UnixStream, phase: Phase, limit: Duration) -> Result<Message, Error> {
         let (message, fds) = self.read(stream, phase, limit).await?;
         if !fds.is_empty() {
-            return Err(protocol(phase, ProtocolError::UnexpectedFds {
-                message: message.name(),
-                count: fds.len(),
-            }));
+            return Err(protocol(
+                phase,
+                ProtocolError::UnexpectedFds {
+                    message: message.name(),
+                    count: fds.len(),
+                },
+            ));
         }
         Ok(message)
     }
@@ -472,25 +484,36 @@ impl Predecessor {
         // If the old process had already given up, it said so before
         // closing: read its answer even when this write fails.
         let wrote = h
-            .write(&self.stream, phase, &Message::Ready {
-                pid: std::process::id(),
-            })
+            .write(
+                &self.stream,
+                phase,
+                &Message::Ready {
+                    pid: std::process::id(),
+                },
+            )
             .await;
         let answer = h.read_plain(&self.stream, phase, h.timeouts.exchange).await;
         match (answer, wrote) {
             (Ok(Message::Released { grace_period_ms }), _) => {
                 let grace_period = Duration::from_millis(grace_period_ms);
-                tracing::info!(old_pid = self.pid, ?grace_period, "upgrade: the old process stopped accepting and drains");
+                tracing::info!(
+                    old_pid = self.pid,
+                    ?grace_period,
+                    "upgrade: the old process stopped accepting and drains"
+                );
                 Ok(Released {
                     pid: self.pid,
                     grace_period,
                 })
             }
             (Ok(Message::Cancelled { reason }), _) => Err(Error::Cancelled { reason }),
-            (Ok(other), _) => Err(protocol(phase, ProtocolError::Unexpected {
-                expected: "released or cancelled",
-                got: other.name(),
-            })),
+            (Ok(other), _) => Err(protocol(
+                phase,
+                ProtocolError::Unexpected {
+                    expected: "released or cancelled",
+                    got: other.name(),
+                },
+            )),
             (Err(_), Err(write)) => Err(write),
             (Err(read), Ok(())) => Err(read),
         }
@@ -501,9 +524,13 @@ impl Predecessor {
     /// without a reason.
     pub async fn abort(self, reason: &str) {
         self.handoff
-            .reply(&self.stream, Phase::AwaitingRelease, Message::Aborted {
-                reason: reason.to_string(),
-            })
+            .reply(
+                &self.stream,
+                Phase::AwaitingRelease,
+                Message::Aborted {
+                    reason: reason.to_string(),
+                },
+            )
             .await;
     }
 }
@@ -550,14 +577,21 @@ impl Offered {
             Ok(Message::Aborted { reason }) => Err(Error::Aborted { reason }),
             Ok(other) => {
                 let got = other.name();
-                h.reply(&self.stream, phase, Message::Cancelled {
-                    reason: format!("expected ready, got `{got}`"),
-                })
+                h.reply(
+                    &self.stream,
+                    phase,
+                    Message::Cancelled {
+                        reason: format!("expected ready, got `{got}`"),
+                    },
+                )
                 .await;
-                Err(protocol(phase, ProtocolError::Unexpected {
-                    expected: "ready or aborted",
-                    got,
-                }))
+                Err(protocol(
+                    phase,
+                    ProtocolError::Unexpected {
+                        expected: "ready or aborted",
+                        got,
+                    },
+                ))
             }
             Err(e) => {
                 if matches!(e, Error::Timeout { .. } | Error::Protocol { .. }) {

@@ -139,11 +139,7 @@ pub(crate) enum ReadError {
 }
 
 /// Sends one frame, with `fds` attached to its first byte.
-pub(crate) async fn write_frame(
-    stream: &UnixStream,
-    message: &Message,
-    fds: &[BorrowedFd<'_>],
-) -> std::io::Result<()> {
+pub(crate) async fn write_frame(stream: &UnixStream, message: &Message, fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
     let frame = encode(message);
     let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
     let mut sent = 0;
@@ -154,8 +150,13 @@ pub(crate) async fn write_frame(
                 if sent == 0 && !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
                     return Err(std::io::Error::other("control buffer too small for the descriptors"));
                 }
-                rustix::net::sendmsg(stream, &[IoSlice::new(&frame[sent..])], &mut control, SendFlags::NOSIGNAL)
-                    .map_err(std::io::Error::from)
+                rustix::net::sendmsg(
+                    stream,
+                    &[IoSlice::new(&frame[sent..])],
+                    &mut control,
+                    SendFlags::NOSIGNAL,
+                )
+                .map_err(std::io::Error::from)
             })
             .await?;
         if n == 0 {
@@ -234,7 +235,10 @@ mod tests {
         assert_eq!(len as usize, frame.len() - PREAMBLE_LEN);
         assert_eq!(decode_body(&frame[PREAMBLE_LEN..]).expect("valid body"), m);
         let text = String::from_utf8(frame[PREAMBLE_LEN..].to_vec()).expect("utf-8");
-        assert!(text.contains(r#""type":"offer""#) && text.contains(r#""kind":"udp""#), "{text}");
+        assert!(
+            text.contains(r#""type":"offer""#) && text.contains(r#""kind":"udp""#),
+            "{text}"
+        );
     }
 
     #[test]

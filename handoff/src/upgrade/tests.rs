@@ -49,7 +49,10 @@ async fn receive_from_raw(message: Message, fds: &[BorrowedFd<'_>]) -> (Error, O
         read_frame(&s).await.ok().map(|(m, _)| m)
     });
     let err = received.expect_err("the offer must be refused");
-    assert!(!h.path().exists(), "the upgrade socket file is removed after a failed hand-off");
+    assert!(
+        !h.path().exists(),
+        "the upgrade socket file is removed after a failed hand-off"
+    );
     (err, answer)
 }
 
@@ -59,7 +62,9 @@ async fn garbage_instead_of_an_offer() {
     let h = handoff(&dir);
     let (received, ()) = tokio::join!(h.receive(), async {
         let mut s = raw_old(&h).await;
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("written");
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("written");
     });
     assert!(
         matches!(
@@ -79,7 +84,11 @@ async fn fewer_descriptors_than_declared() {
     let b = TcpListener::bind("127.0.0.1:0").expect("bind");
     let m = offer(vec![
         declared(SocketName::HTTP, SocketKind::TcpListener, a.local_addr().expect("addr")),
-        declared(SocketName::HTTPS, SocketKind::TcpListener, b.local_addr().expect("addr")),
+        declared(
+            SocketName::HTTPS,
+            SocketKind::TcpListener,
+            b.local_addr().expect("addr"),
+        ),
     ]);
     let (err, answer) = receive_from_raw(m, &[a.as_fd()]).await;
     assert!(
@@ -124,7 +133,11 @@ async fn more_descriptors_than_declared() {
 #[tokio::test]
 async fn a_tcp_listener_declared_as_udp() {
     let a = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let m = offer(vec![declared(SocketName::DNS_UDP, SocketKind::Udp, a.local_addr().expect("addr"))]);
+    let m = offer(vec![declared(
+        SocketName::DNS_UDP,
+        SocketKind::Udp,
+        a.local_addr().expect("addr"),
+    )]);
     let (err, _) = receive_from_raw(m, &[a.as_fd()]).await;
     assert!(
         matches!(&err, Error::Protocol { source: ProtocolError::KindMismatch { name, .. }, .. } if name == "dns-udp"),
@@ -281,16 +294,9 @@ async fn send_to_raw(answer: Vec<u8>, with_fd: bool) -> Error {
         assert!(matches!(m, Message::Offer { ref sockets, .. } if sockets.len() == 1));
         assert_eq!(fds.len(), 1);
         if with_fd {
-            write_frame(
-                &s,
-                &Message::Accepted {
-                    pid: 2,
-                    sockets: 1,
-                },
-                &[tcp.as_fd()],
-            )
-            .await
-            .expect("written");
+            write_frame(&s, &Message::Accepted { pid: 2, sockets: 1 }, &[tcp.as_fd()])
+                .await
+                .expect("written");
         } else {
             s.write_all(&answer).await.expect("written");
         }
@@ -316,7 +322,16 @@ async fn the_old_process_gets_garbage_back() {
 #[tokio::test]
 async fn the_old_process_gets_a_wrong_count_or_descriptors_back() {
     let err = send_to_raw(crate::wire::encode(&Message::Accepted { pid: 2, sockets: 3 }), false).await;
-    assert!(matches!(err, Error::Protocol { source: ProtocolError::Set(_), .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            Error::Protocol {
+                source: ProtocolError::Set(_),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     let err = send_to_raw(Vec::new(), true).await;
     assert!(
         matches!(
@@ -329,7 +344,10 @@ async fn the_old_process_gets_a_wrong_count_or_descriptors_back() {
         "{err:?}"
     );
     let err = send_to_raw(crate::wire::encode(&Message::Rejected { reason: "no".into() }), false).await;
-    assert!(matches!(err, Error::Rejected { ref reason } if reason == "no"), "{err:?}");
+    assert!(
+        matches!(err, Error::Rejected { ref reason } if reason == "no"),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
