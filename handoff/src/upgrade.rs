@@ -113,6 +113,33 @@ impl Handoff {
     /// (`RuntimeDirectory=cellgate`).
     pub const DEFAULT_PATH: &'static str = "/run/cellgate/upgrade.sock";
 
+    /// The upgrade socket both processes use unless told otherwise:
+    /// `$CELLGATE_UPGRADE_SOCKET`, else `upgrade.sock` in systemd's
+    /// `$RUNTIME_DIRECTORY` (`RuntimeDirectory=cellgate`), else
+    /// [`Handoff::DEFAULT_PATH`].
+    pub fn default_path() -> PathBuf {
+        Self::path_from(
+            std::env::var_os("CELLGATE_UPGRADE_SOCKET"),
+            std::env::var_os("RUNTIME_DIRECTORY"),
+        )
+    }
+
+    fn path_from(explicit: Option<std::ffi::OsString>, runtime_dir: Option<std::ffi::OsString>) -> PathBuf {
+        if let Some(p) = explicit.filter(|p| !p.is_empty()) {
+            return p.into();
+        }
+        // systemd joins several RuntimeDirectory= entries with ':'.
+        let first = runtime_dir
+            .as_ref()
+            .and_then(|d| d.to_str())
+            .and_then(|d| d.split(':').next())
+            .filter(|d| !d.is_empty());
+        match first {
+            Some(dir) => Path::new(dir).join("upgrade.sock"),
+            None => PathBuf::from(Self::DEFAULT_PATH),
+        }
+    }
+
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),

@@ -410,3 +410,20 @@ async fn a_peer_that_reads_nothing_back() {
         "{sent:?}"
     );
 }
+
+#[test]
+fn the_default_upgrade_socket() {
+    let path = |explicit: Option<&str>, runtime: Option<&str>| {
+        Handoff::path_from(explicit.map(Into::into), runtime.map(Into::into))
+    };
+    assert_eq!(
+        path(Some("/tmp/u.sock"), Some("/run/cellgate")),
+        Path::new("/tmp/u.sock")
+    );
+    assert_eq!(
+        path(None, Some("/run/cellgate")),
+        Path::new("/run/cellgate/upgrade.sock")
+    );
+    assert_eq!(path(Some(""), Some("/run/a:/run/b")), Path::new("/run/a/upgrade.sock"));
+    assert_eq!(path(None, None), Path::new(Handoff::DEFAULT_PATH));
+}
