@@ -42,6 +42,14 @@ struct Node {
     dns: SocketAddr,
 }
 
+/// Stops the node this test started if the test ends early.
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Starts the old node and waits for its `serving` line.
 fn start_node(bin: &Path, config: &Path, socket: &Path) -> Node {
     let mut child = Command::new(bin)
