@@ -33,6 +33,51 @@ pub(crate) struct RawConfig {
     pub dns: RawDns,
     #[serde(default)]
     pub admin: RawAdmin,
+    pub fleet: Option<RawFleet>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFleet {
+    pub etcd: RawEtcd,
+    pub prefix: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub request_timeout: Option<String>,
+    pub lease_ttl: Option<String>,
+    pub report_interval: Option<String>,
+    pub cache_file: Option<String>,
+    pub partial_outage: Option<RawPartialOutage>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawEtcd {
+    pub endpoints: Vec<String>,
+    pub auth: Option<RawEtcdAuth>,
+    pub tls: Option<RawEtcdTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawEtcdAuth {
+    pub user: String,
+    pub password_env: Option<String>,
+    pub password_file: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawEtcdTls {
+    pub ca: Option<String>,
+    pub cert: Option<String>,
+    pub key: Option<String>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RawPartialOutage {
+    Local,
+    Majority,
 }
 
 #[derive(Deserialize, Default)]
