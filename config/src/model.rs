@@ -45,6 +45,20 @@ macro_rules! name_newtype {
                 &self.0
             }
         }
+        /// As a plain string.
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+        /// From a plain string; not validated (a config is validated by
+        /// [`crate::load`], other sources check what they accept).
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                Ok(Self(Arc::from(&*s)))
+            }
+        }
     };
 }
 name_newtype!(CellId);
