@@ -203,7 +203,10 @@ impl FleetStore {
         use etcd_client::Error as E;
         use tonic::Code;
         match &e {
-            E::GRpcStatus(s) if matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied) => {
+            E::GRpcStatus(s)
+                if matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied)
+                    || s.message().contains("authentication failed") =>
+            {
                 Error::Denied(s.message().to_owned())
             }
             E::GRpcStatus(s)

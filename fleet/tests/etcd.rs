@@ -338,7 +338,7 @@ async fn etcd_down_keeps_the_last_state_refuses_writes_fast_and_converges_when_b
     loop {
         let cached = cache.load().expect("cache").expect("present");
         if cached.intent.revision >= w.revision {
-            assert!(cached.intent.drains.get(&eu()).is_none());
+            assert!(!cached.intent.drains.contains_key(&eu()));
             assert!(cached.intent.drains.contains_key("us"));
             break;
         }
@@ -628,4 +628,102 @@ async fn an_edge_that_never_reached_etcd_serves_its_cache_and_refuses_writes() {
     let _ = tokio::time::timeout(Duration::from_secs(3), events.recv()).await;
     assert!(!s.view().borrow().link.is_live());
     s.shutdown().await;
+}
+
+#[tokio::test]
+async fn with_auth_an_edge_writes_as_its_user_and_bad_credentials_or_keys_are_denied() {
+    use cellgate_config::{EtcdAuth, SecretSource};
+    use etcd_client::Permission;
+    let etcd = Etcd::start().await;
+    let mut root = etcd_client::Client::connect([etcd.url()], None)
+        .await
+        .expect("root client");
+    root.user_add("root", "root-password-1", None).await.expect("root user");
+    root.user_grant_role("root", "root").await.expect("root role");
+    root.role_add("cellgate").await.expect("role");
+    root.role_grant_permission("cellgate", Permission::read_write("/cg/").with_prefix())
+        .await
+        .expect("permission");
+    root.user_add("edge", "edge-password-1", None).await.expect("edge user");
+    root.user_grant_role("edge", "cellgate").await.expect("grant");
+    root.auth_enable().await.expect("auth on");
+
+    let dir = tempfile::tempdir().expect("dir");
+    let with_password = |prefix: &str, password: &str| {
+        let file = dir.path().join(format!("pw-{password}"));
+        std::fs::write(&file, format!("{password}\n")).expect("password file");
+        let mut f = fleet(&etcd.url(), prefix);
+        f.etcd.auth = Some(EtcdAuth {
+            user: "edge".into(),
+            password: SecretSource::File(file),
+        });
+        f
+    };
+    let a = FleetStore::new(&with_password("/cg/", "edge-password-1"), "edge-a").expect("store");
+    let d = a
+        .apply(
+            &drain("eu"),
+            Expect::Revision(0),
+            &actor("edge-a"),
+            cellgate_fleet::now(),
+        )
+        .await
+        .expect("an authenticated write");
+    let b = FleetSync::start(
+        FleetStore::new(&with_password("/cg/", "edge-password-1"), "edge-b").expect("store"),
+        None,
+        None,
+    );
+    let mut bv = b.view();
+    let v = until(&mut bv, "edge b live with the drain", |v| {
+        v.link.is_live() && drained(v, "eu")
+    })
+    .await;
+    assert_eq!(v.intent.mod_revision(&IntentKey::Drain(eu())), d.revision);
+
+    let wrong = FleetStore::new(&with_password("/cg/", "not-the-password"), "edge-c").expect("store");
+    let e = wrong.load().await;
+    assert!(matches!(e, Err(Error::Denied(_))), "{e:?}");
+    let elsewhere = FleetStore::new(&with_password("/other/", "edge-password-1"), "edge-a").expect("store");
+    let e = elsewhere
+        .apply(&drain("eu"), Expect::Any, &actor("edge-a"), cellgate_fleet::now())
+        .await;
+    assert!(matches!(e, Err(Error::Denied(_))), "{e:?}");
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn over_client_tls_an_edge_with_its_certificate_syncs_and_one_without_is_refused() {
+    let etcd = Etcd::start_tls().await;
+    assert!(etcd.url().starts_with("https://"));
+    let a = FleetStore::new(&etcd.fleet("/cg/"), "edge-a").expect("store a");
+    let b = FleetSync::start(
+        FleetStore::new(&etcd.fleet("/cg/"), "edge-b").expect("store b"),
+        None,
+        None,
+    );
+    let mut bv = b.view();
+    let d = a
+        .apply(
+            &drain("eu"),
+            Expect::Revision(0),
+            &actor("edge-a"),
+            cellgate_fleet::now(),
+        )
+        .await
+        .expect("a write over TLS");
+    let v = until(&mut bv, "edge b live with the drain", |v| {
+        v.link.is_live() && drained(v, "eu")
+    })
+    .await;
+    assert_eq!(v.intent.mod_revision(&IntentKey::Drain(eu())), d.revision);
+    // Without a client certificate etcd's --client-cert-auth refuses the
+    // connection: the store reports etcd unreachable.
+    let mut anonymous = etcd.fleet("/cg/");
+    if let Some(t) = anonymous.etcd.tls.as_mut() {
+        t.identity = None;
+    }
+    let e = FleetStore::new(&anonymous, "edge-c").expect("store").load().await;
+    assert!(matches!(e, Err(Error::Unavailable { .. })), "{e:?}");
+    b.shutdown().await;
 }

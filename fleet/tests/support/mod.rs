@@ -27,6 +27,50 @@ pub struct Etcd {
     dir: tempfile::TempDir,
     pub client: SocketAddr,
     peer: SocketAddr,
+    tls: Option<Tls>,
+}
+
+/// PEM files for etcd with client TLS: a CA, etcd's certificate (IP SAN
+/// 127.0.0.1) and a client certificate for the edges.
+#[derive(Clone)]
+pub struct Tls {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl Tls {
+    pub fn generate(dir: &std::path::Path) -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose as Eku, IsCa, KeyPair,
+        };
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("key")).expect("ca");
+        let leaf = |names: Vec<String>, usages: Vec<Eku>| {
+            let mut p = CertificateParams::new(names).expect("params");
+            p.extended_key_usages = usages;
+            let key = KeyPair::generate().expect("key");
+            let cert = p.signed_by(&key, &ca).expect("sign");
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_cert, server_key) = leaf(vec!["127.0.0.1".into()], vec![Eku::ServerAuth, Eku::ClientAuth]);
+        let (client_cert, client_key) = leaf(vec!["edge".into()], vec![Eku::ClientAuth]);
+        let write = |name: &str, pem: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, pem).expect("write pem");
+            p
+        };
+        Self {
+            ca: write("ca.pem", &ca.pem()),
+            server_cert: write("server.pem", &server_cert),
+            server_key: write("server.key", &server_key),
+            client_cert: write("client.pem", &client_cert),
+            client_key: write("client.key", &client_key),
+        }
+    }
 }
 
 fn free_port() -> SocketAddr {
@@ -37,18 +81,55 @@ fn free_port() -> SocketAddr {
 impl Etcd {
     /// Starts etcd and waits until it answers.
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Starts etcd with `https` client URLs and `--client-cert-auth`.
+    pub async fn start_tls() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tls = Tls::generate(dir.path());
+        Self::start_in(dir, Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<Tls>) -> Self {
+        Self::start_in(tempfile::tempdir().expect("tempdir"), tls).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir, tls: Option<Tls>) -> Self {
         let mut e = Etcd {
             child: None,
-            dir: tempfile::tempdir().expect("tempdir"),
+            dir,
             client: free_port(),
             peer: free_port(),
+            tls,
         };
         e.restart().await;
         e
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.client)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.client)
+    }
+
+    pub fn tls(&self) -> Option<&Tls> {
+        self.tls.as_ref()
+    }
+
+    /// A test fleet config for this etcd (with the client certificate
+    /// when it wants TLS).
+    pub fn fleet(&self, prefix: &str) -> Fleet {
+        let mut f = fleet(&self.url(), prefix);
+        if let Some(t) = &self.tls {
+            f.etcd.tls = Some(cellgate_config::EtcdTls {
+                ca: t.ca.clone(),
+                identity: Some(cellgate_config::ClientIdentity {
+                    cert: t.client_cert.clone(),
+                    key: t.client_key.clone(),
+                }),
+            });
+        }
+        f
     }
 
     /// Kills etcd (SIGKILL, as a crash); its data stays.
@@ -65,8 +146,18 @@ impl Etcd {
         self.stop();
         let log = std::fs::File::create(self.dir.path().join("etcd.log")).expect("log file");
         let data: PathBuf = self.dir.path().join("data");
-        let (c, p) = (format!("http://{}", self.client), format!("http://{}", self.peer));
-        let child = Command::new(ETCD)
+        let (c, p) = (self.url(), format!("http://{}", self.peer));
+        let mut cmd = Command::new(ETCD);
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", "t", "--data-dir"])
             .arg(&data)
             .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
@@ -78,7 +169,7 @@ impl Etcd {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run `{ETCD}` ({e}): install Debian's `etcd-server` package"));
         self.child = Some(child);
-        let store = FleetStore::new(&fleet(&self.url(), "/ready/"), "probe").expect("store");
+        let store = FleetStore::new(&self.fleet("/ready/"), "probe").expect("store");
         let ready = async {
             while store.load().await.is_err() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
