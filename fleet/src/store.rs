@@ -43,6 +43,16 @@ impl Expect {
     }
 }
 
+/// Whether etcd still has the history a watch needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum History {
+    Kept,
+    /// Compacted past the revision.
+    Compacted,
+    /// The revision is ahead of etcd's: not the cluster read before.
+    Future,
+}
+
 /// A write that took effect.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Applied {
@@ -398,6 +408,24 @@ impl FleetStore {
             |mut c| async move { c.watch(prefix, Some(opts)).await },
         )
         .await
+    }
+
+    /// Whether etcd still has the history after `revision`, i.e. whether a
+    /// watch from `revision + 1` would see every change since.
+    pub(crate) async fn history_since(&self, revision: i64) -> Result<History, Error> {
+        let opts = GetOptions::new().with_revision(revision).with_count_only();
+        let key = self.inner.keys.prefix().to_owned();
+        match self
+            .call("checking the watch history", |mut c| async move {
+                c.get(key, Some(opts)).await
+            })
+            .await
+        {
+            Ok(_) => Ok(History::Kept),
+            Err(Error::Etcd(m)) if m.contains("compacted") => Ok(History::Compacted),
+            Err(Error::Etcd(m)) if m.contains("future revision") => Ok(History::Future),
+            Err(e) => Err(e),
+        }
     }
 
     /// Grants a lease of the configured TTL and opens its keep-alive stream.

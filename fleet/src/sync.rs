@@ -34,7 +34,7 @@ use crate::{
     keys::IntentKey,
     record::Actor,
     report::EdgeReport,
-    store::{is_intent, Applied, Expect, FleetStore, Snapshot},
+    store::{is_intent, Applied, Expect, FleetStore, History, Snapshot},
     Change, Error,
 };
 
@@ -90,8 +90,10 @@ pub struct FleetView {
 pub enum Resync {
     /// The first read after start.
     Start,
-    /// The watch's start revision had been compacted away.
-    Compacted { compact_revision: i64 },
+    /// The watch's start revision had been compacted away: etcd's
+    /// compaction revision when the watch reported it, `None` when the
+    /// check before resuming a watch found it.
+    Compacted { compact_revision: Option<i64> },
     /// etcd answered from another cluster, or from a revision older than
     /// the one applied (the cluster was rebuilt).
     ClusterChanged,
@@ -332,6 +334,22 @@ impl SyncTask {
     /// Watches from `applied + 1` until the watch ends.
     async fn watch(&mut self, snap: &mut Snapshot, applied: &mut i64) -> WatchEnd {
         let from = *applied + 1;
+        if !self.view.borrow().link.is_live() {
+            // Resuming after a disconnection. etcd reports a compacted start
+            // revision only after it confirmed the watch, so check first
+            // that the history since `applied` is still there, rather than
+            // briefly claim a live view with a gap.
+            let history = tokio::select! {
+                r = self.store.history_since(*applied) => r,
+                _ = stopped(&mut self.stop) => return WatchEnd::Stop,
+            };
+            match history {
+                Ok(History::Kept) => {}
+                Ok(History::Compacted) => return WatchEnd::Resync(Resync::Compacted { compact_revision: None }),
+                Ok(History::Future) => return WatchEnd::Resync(Resync::ClusterChanged),
+                Err(e) => return WatchEnd::Lost(e.to_string()),
+            }
+        }
         let stream = tokio::select! {
             r = self.store.watch(from) => r,
             _ = stopped(&mut self.stop) => return WatchEnd::Stop,
@@ -370,7 +388,7 @@ impl SyncTask {
             last_heard = Instant::now();
             if resp.compact_revision() > 0 {
                 return WatchEnd::Resync(Resync::Compacted {
-                    compact_revision: resp.compact_revision(),
+                    compact_revision: Some(resp.compact_revision()),
                 });
             }
             if resp.canceled() {
