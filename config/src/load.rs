@@ -101,6 +101,7 @@ impl Validator {
         let proxy = self.proxy(&raw.proxy);
         let dns = self.dns(&raw.dns, &services, listeners.dns.is_some());
         let admin = self.admin(&raw.admin);
+        let fleet = raw.fleet.as_ref().map(|f| self.fleet(f, &edge, &admin));
         let sticky_secret = raw.sticky_secret.as_ref().and_then(|s| self.secret("sticky_secret", s));
         if sticky_secret.is_none() {
             if let Some((i, _)) = services.iter().enumerate().find(|(_, s)| s.sticky.is_some()) {
@@ -124,6 +125,167 @@ impl Validator {
             proxy,
             dns,
             admin,
+            fleet,
+        }
+    }
+
+    fn fleet(&mut self, raw: &RawFleet, edge: &Edge, admin: &Admin) -> Fleet {
+        let d = Fleet::new(Vec::new());
+        if !edge.name.trim().is_empty() && !valid_id(&edge.name) {
+            self.problem(
+                "edge.name",
+                format!(
+                    "invalid edge name `{}` for a fleet (it names the edge's etcd key): expected letters, digits, `-`, `_` or `.`",
+                    edge.name
+                ),
+            );
+        }
+        let mut endpoints = Vec::new();
+        for (i, e) in raw.etcd.endpoints.iter().enumerate() {
+            match EtcdEndpoint::parse(e) {
+                Some(ep) if endpoints.contains(&ep) => {
+                    self.problem(format!("fleet.etcd.endpoints[{i}]"), format!("`{e}` is listed twice"))
+                }
+                Some(ep) => endpoints.push(ep),
+                None => self.problem(
+                    format!("fleet.etcd.endpoints[{i}]"),
+                    format!("invalid etcd endpoint `{e}`: expected a URL like \"http://127.0.0.1:2379\" or \"https://[::1]:2379\""),
+                ),
+            }
+        }
+        if raw.etcd.endpoints.is_empty() {
+            self.problem("fleet.etcd.endpoints", "expected at least one etcd endpoint");
+        }
+        let https = endpoints.iter().filter(|e| e.tls).count();
+        if https != 0 && https != endpoints.len() {
+            self.problem(
+                "fleet.etcd.endpoints",
+                "mixes `http` and `https`: expected one scheme for every member",
+            );
+        }
+        let auth = raw.etcd.auth.as_ref().and_then(|a| {
+            if a.user.trim().is_empty() {
+                self.problem("fleet.etcd.auth.user", "must not be empty");
+            }
+            let password = match (&a.password_env, &a.password_file) {
+                (Some(var), None) if !var.is_empty() => Some(SecretSource::Env {
+                    var: var.clone(),
+                    ephemeral_if_unset: false,
+                }),
+                (None, Some(f)) => Some(SecretSource::File(self.path(f))),
+                _ => {
+                    self.problem(
+                        "fleet.etcd.auth",
+                        "expected exactly one of `password_env` (a variable name) or `password_file` (a path)",
+                    );
+                    None
+                }
+            };
+            password.map(|password| EtcdAuth {
+                user: a.user.clone(),
+                password,
+            })
+        });
+        let tls = raw.etcd.tls.as_ref().and_then(|t| {
+            if https == 0 && !endpoints.is_empty() {
+                self.problem("fleet.etcd.tls", "client TLS needs `https://` endpoints");
+            }
+            let identity = match (&t.cert, &t.key) {
+                (Some(c), Some(k)) => Some(ClientIdentity {
+                    cert: self.path(c),
+                    key: self.path(k),
+                }),
+                (None, None) => None,
+                (Some(_), None) => {
+                    self.problem("fleet.etcd.tls.key", "a client certificate needs its `key`");
+                    None
+                }
+                (None, Some(_)) => {
+                    self.problem("fleet.etcd.tls.cert", "a client key needs its `cert`");
+                    None
+                }
+            };
+            match &t.ca {
+                Some(ca) => Some(EtcdTls {
+                    ca: self.path(ca),
+                    identity,
+                }),
+                None => {
+                    self.problem(
+                        "fleet.etcd.tls.ca",
+                        "expected the CA certificate (PEM) of the etcd members",
+                    );
+                    None
+                }
+            }
+        });
+        if https > 0 && raw.etcd.tls.is_none() {
+            self.problem(
+                "fleet.etcd.tls",
+                "`https://` endpoints need a `[fleet.etcd.tls]` table with at least `ca`",
+            );
+        }
+        let prefix = match raw.prefix.as_deref() {
+            None => d.prefix.clone(),
+            Some(p) if p.starts_with('/') && !p.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) => {
+                format!("{}/", p.trim_end_matches('/'))
+            }
+            Some(p) => {
+                self.problem(
+                    "fleet.prefix",
+                    format!("invalid prefix `{p}`: expected a key path starting with `/`, like \"/cellgate/\""),
+                );
+                d.prefix.clone()
+            }
+        };
+        let connect_timeout = self.duration("fleet.connect_timeout", raw.connect_timeout.as_ref(), d.connect_timeout);
+        let request_timeout = self.duration("fleet.request_timeout", raw.request_timeout.as_ref(), d.request_timeout);
+        for (key, t) in [
+            ("fleet.connect_timeout", connect_timeout),
+            ("fleet.request_timeout", request_timeout),
+        ] {
+            if t.is_zero() {
+                self.problem(key, "must be greater than zero");
+            }
+        }
+        let lease_ttl = self.duration("fleet.lease_ttl", raw.lease_ttl.as_ref(), d.lease_ttl);
+        if !(2..=300).contains(&lease_ttl.as_secs()) || lease_ttl.subsec_nanos() != 0 {
+            self.problem(
+                "fleet.lease_ttl",
+                format!(
+                    "{} is out of range: expected whole seconds from 2s to 5m",
+                    humantime::format_duration(lease_ttl)
+                ),
+            );
+        }
+        let report_interval = self.duration("fleet.report_interval", raw.report_interval.as_ref(), d.report_interval);
+        if report_interval.is_zero() || report_interval > lease_ttl / 3 {
+            self.problem(
+                "fleet.report_interval",
+                format!(
+                    "{} is out of range: expected more than zero and at most a third of `fleet.lease_ttl` ({})",
+                    humantime::format_duration(report_interval),
+                    humantime::format_duration(lease_ttl / 3)
+                ),
+            );
+        }
+        let cache_file = match &raw.cache_file {
+            Some(f) => Some(self.path(f)),
+            None => admin.state_file.as_ref().map(|s| s.with_extension("fleet.json")),
+        };
+        Fleet {
+            etcd: Etcd { endpoints, auth, tls },
+            prefix,
+            connect_timeout,
+            request_timeout,
+            lease_ttl,
+            report_interval,
+            cache_file,
+            partial_outage: match raw.partial_outage {
+                None => d.partial_outage,
+                Some(RawPartialOutage::Local) => PartialOutage::Local,
+                Some(RawPartialOutage::Majority) => PartialOutage::Majority,
+            },
         }
     }
 

@@ -45,6 +45,20 @@ macro_rules! name_newtype {
                 &self.0
             }
         }
+        /// As a plain string.
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+        /// From a plain string; not validated (a config is validated by
+        /// [`crate::load`], other sources check what they accept).
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                Ok(Self(Arc::from(&*s)))
+            }
+        }
     };
 }
 name_newtype!(CellId);
@@ -119,6 +133,9 @@ pub struct Config {
     pub proxy: ProxySettings,
     pub dns: Dns,
     pub admin: Admin,
+    /// Membership of a fleet sharing operator state through etcd; `None`:
+    /// this edge stands alone (the local state file).
+    pub fleet: Option<Fleet>,
 }
 
 impl Config {
@@ -537,4 +554,149 @@ pub struct Admin {
 pub struct AdminToken {
     pub name: String,
     pub secret: SecretSource,
+}
+
+/// The `[fleet]` table: edges that share operator intent (drains, weights,
+/// pins) and their view of cell health through etcd. The edge's name in the
+/// fleet is `edge.name`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fleet {
+    pub etcd: Etcd,
+    /// Key prefix of everything the fleet stores; starts and ends with `/`.
+    /// Default `/cellgate/`.
+    pub prefix: String,
+    /// Longest wait for a connection to an etcd member. Default 2 s.
+    pub connect_timeout: Duration,
+    /// Longest wait for one etcd request (read, write, lease call); an
+    /// admin write fails after it instead of queueing. Default 2 s.
+    pub request_timeout: Duration,
+    /// Time to live of the lease this edge's report is bound to: a dead
+    /// edge's report disappears this long after its last keep-alive.
+    /// Whole seconds, 2 s to 5 min. Default 10 s.
+    pub lease_ttl: Duration,
+    /// How often this edge publishes its report. At most a third of
+    /// `lease_ttl`. Default 2 s.
+    pub report_interval: Duration,
+    /// Where the last known fleet intent and its etcd revision are kept, so
+    /// an edge restarted while etcd is unreachable starts with the fleet's
+    /// drains. Default: `admin.state_file` with the extension
+    /// `fleet.json`; `None` when neither is set.
+    pub cache_file: Option<PathBuf>,
+    /// What a cell seen down by some edges and up by others does to
+    /// steering on the edges that see it up.
+    pub partial_outage: PartialOutage,
+}
+
+impl Fleet {
+    pub const DEFAULT_PREFIX: &'static str = "/cellgate/";
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+    pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+    pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+    pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(2);
+
+    /// A fleet on these etcd members with every other setting at its
+    /// default (no auth, no TLS, no cache file).
+    pub fn new(endpoints: Vec<EtcdEndpoint>) -> Self {
+        Self {
+            etcd: Etcd {
+                endpoints,
+                auth: None,
+                tls: None,
+            },
+            prefix: Self::DEFAULT_PREFIX.to_owned(),
+            connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
+            request_timeout: Self::DEFAULT_REQUEST_TIMEOUT,
+            lease_ttl: Self::DEFAULT_LEASE_TTL,
+            report_interval: Self::DEFAULT_REPORT_INTERVAL,
+            cache_file: None,
+            partial_outage: PartialOutage::default(),
+        }
+    }
+}
+
+/// How to reach the etcd cluster.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Etcd {
+    /// One or more members; all `http` or all `https`.
+    pub endpoints: Vec<EtcdEndpoint>,
+    pub auth: Option<EtcdAuth>,
+    /// Client TLS; present exactly when the endpoints are `https`.
+    pub tls: Option<EtcdTls>,
+}
+
+/// An etcd member's client URL: `http://IP:port` or `https://IP:port`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EtcdEndpoint {
+    pub tls: bool,
+    pub addr: SocketAddr,
+}
+
+impl EtcdEndpoint {
+    /// Parses `http(s)://IP:port` (IPv6 in brackets); no path, no host name.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (tls, rest) = if let Some(r) = s.strip_prefix("http://") {
+            (false, r)
+        } else if let Some(r) = s.strip_prefix("https://") {
+            (true, r)
+        } else {
+            return None;
+        };
+        let addr = rest.strip_suffix('/').unwrap_or(rest).parse().ok()?;
+        Some(Self { tls, addr })
+    }
+}
+
+impl fmt::Display for EtcdEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", if self.tls { "https" } else { "http" }, self.addr)
+    }
+}
+
+/// etcd user name and where its password comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EtcdAuth {
+    pub user: String,
+    pub password: SecretSource,
+}
+
+/// Client TLS towards etcd (files resolved against the config's directory
+/// and checked to exist).
+#[derive(Clone, Debug, PartialEq)]
+pub struct EtcdTls {
+    /// CA certificate(s) (PEM) that sign the etcd members' certificates.
+    pub ca: PathBuf,
+    /// This edge's client certificate and key (PEM), for etcd's
+    /// `--client-cert-auth`.
+    pub identity: Option<ClientIdentity>,
+}
+
+/// A client certificate and its private key, both PEM files.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClientIdentity {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// What a partial outage (a cell seen down by some live edges and up by
+/// others) does to steering.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PartialOutage {
+    /// Each edge steers by its own view only; the fleet view just shows
+    /// the partial outage.
+    Local,
+    /// A cell seen down by a strict majority of the live edges that have a
+    /// verdict on it, and by at least two of them, is treated as down on
+    /// every edge (a cell this edge sees down is always down here). The
+    /// default.
+    #[default]
+    Majority,
+}
+
+impl fmt::Display for PartialOutage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Local => "local",
+            Self::Majority => "majority",
+        })
+    }
 }

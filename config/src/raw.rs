@@ -37,6 +37,51 @@ pub struct RawConfig {
     pub dns: RawDns,
     #[serde(default)]
     pub admin: RawAdmin,
+    pub fleet: Option<RawFleet>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawFleet {
+    pub etcd: RawEtcd,
+    pub prefix: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub request_timeout: Option<String>,
+    pub lease_ttl: Option<String>,
+    pub report_interval: Option<String>,
+    pub cache_file: Option<String>,
+    pub partial_outage: Option<RawPartialOutage>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawEtcd {
+    pub endpoints: Vec<String>,
+    pub auth: Option<RawEtcdAuth>,
+    pub tls: Option<RawEtcdTls>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawEtcdAuth {
+    pub user: String,
+    pub password_env: Option<String>,
+    pub password_file: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawEtcdTls {
+    pub ca: Option<String>,
+    pub cert: Option<String>,
+    pub key: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug)]
+#[serde(rename_all = "lowercase")]
+pub enum RawPartialOutage {
+    Local,
+    Majority,
 }
 
 #[derive(Serialize, Deserialize, Default, Clone, Debug)]

@@ -330,3 +330,157 @@ fn every_example_loads() {
     }
     assert!(n >= 1, "no examples found in {}", dir.display());
 }
+
+/// `BASE` with a `[fleet]` table: `keys` go in `[fleet]`, `tables` after
+/// `[fleet.etcd]` (whose endpoints are `endpoints`).
+fn fleet(keys: &str, endpoints: &str, tables: &str) -> String {
+    format!("{BASE}\n[fleet]\n{keys}\n[fleet.etcd]\nendpoints = {endpoints}\n{tables}")
+}
+
+const HTTP: &str = r#"["http://127.0.0.1:2379", "http://[::1]:2381/"]"#;
+
+#[test]
+fn without_fleet_nothing_changes() {
+    assert!(parse_str(BASE).expect("valid").fleet.is_none());
+}
+
+#[test]
+fn fleet_defaults() {
+    let c = parse_str(&fleet("", HTTP, "")).expect("valid");
+    let f = c.fleet.expect("fleet");
+    assert_eq!(
+        f.etcd.endpoints.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ["http://127.0.0.1:2379", "http://[::1]:2381"]
+    );
+    assert_eq!(f.prefix, "/cellgate/");
+    assert_eq!(f.lease_ttl, std::time::Duration::from_secs(10));
+    assert_eq!(f.report_interval, std::time::Duration::from_secs(2));
+    assert_eq!(f.request_timeout, std::time::Duration::from_secs(2));
+    assert_eq!(f.partial_outage, PartialOutage::Majority);
+    assert_eq!(f.etcd.auth, None);
+    assert_eq!(f.cache_file, None);
+}
+
+#[test]
+fn fleet_settings_and_cache_file_beside_the_state_file() {
+    let t = fleet(
+        "prefix = \"/prod/cg\"\nlease_ttl = \"6s\"\nreport_interval = \"1s\"\npartial_outage = \"local\"",
+        HTTP,
+        "[fleet.etcd.auth]\nuser = \"edge\"\npassword_env = \"CG_ETCD_PW\"\n[admin]\nstate_file = \"/tmp/state.json\"\n",
+    );
+    let f = parse_str(&t).expect("valid").fleet.expect("fleet");
+    assert_eq!(f.prefix, "/prod/cg/");
+    assert_eq!(f.lease_ttl.as_secs(), 6);
+    assert_eq!(f.partial_outage, PartialOutage::Local);
+    assert_eq!(f.cache_file, Some(PathBuf::from("/tmp/state.fleet.json")));
+    assert_eq!(
+        f.etcd.auth,
+        Some(EtcdAuth {
+            user: "edge".into(),
+            password: SecretSource::Env {
+                var: "CG_ETCD_PW".into(),
+                ephemeral_if_unset: false
+            }
+        })
+    );
+}
+
+#[test]
+fn fleet_endpoints_must_be_urls_with_an_ip() {
+    let t = fleet(
+        "",
+        r#"["etcd-1:2379", "http://etcd-1:2379", "http://10.0.0.1", "http://127.0.0.1:2379", "http://127.0.0.1:2379"]"#,
+        "",
+    );
+    assert_error(&t, "fleet.etcd.endpoints[0]", "invalid etcd endpoint `etcd-1:2379`");
+    assert_error(
+        &t,
+        "fleet.etcd.endpoints[1]",
+        "invalid etcd endpoint `http://etcd-1:2379`",
+    );
+    assert_error(&t, "fleet.etcd.endpoints[2]", "expected a URL like");
+    assert_error(&t, "fleet.etcd.endpoints[4]", "is listed twice");
+    assert_error(
+        &fleet("", "[]", ""),
+        "fleet.etcd.endpoints",
+        "expected at least one etcd endpoint",
+    );
+}
+
+#[test]
+fn fleet_https_needs_tls_and_tls_needs_https() {
+    let t = fleet("", r#"["https://127.0.0.1:2379"]"#, "");
+    assert_error(&t, "fleet.etcd.tls", "need a `[fleet.etcd.tls]` table");
+    let t = fleet(
+        "",
+        HTTP,
+        "[fleet.etcd.tls]\nca = \"/nonexistent/ca.pem\"\ncert = \"c.pem\"\n",
+    );
+    assert_error(&t, "fleet.etcd.tls", "client TLS needs `https://` endpoints");
+    assert_error(&t, "fleet.etcd.tls.key", "a client certificate needs its `key`");
+    let t = fleet("", r#"["https://127.0.0.1:2379", "http://127.0.0.1:2380"]"#, "");
+    assert_error(&t, "fleet.etcd.endpoints", "mixes `http` and `https`");
+}
+
+#[test]
+fn fleet_tls_files_resolve_relative_to_the_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for f in ["ca.pem", "edge.pem", "edge.key"] {
+        std::fs::write(dir.path().join(f), "x").expect("write");
+    }
+    let t = fleet(
+        "",
+        r#"["https://127.0.0.1:2379"]"#,
+        "[fleet.etcd.tls]\nca = \"ca.pem\"\ncert = \"edge.pem\"\nkey = \"edge.key\"\n",
+    );
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, t).expect("write");
+    let tls = load(&path).expect("valid").fleet.expect("fleet").etcd.tls.expect("tls");
+    assert_eq!(tls.ca, dir.path().join("ca.pem"));
+    assert_eq!(tls.identity.map(|i| i.key), Some(dir.path().join("edge.key")));
+}
+
+#[test]
+fn fleet_auth_needs_one_password_source() {
+    let t = fleet("", HTTP, "[fleet.etcd.auth]\nuser = \"edge\"\n");
+    assert_error(&t, "fleet.etcd.auth", "exactly one of `password_env`");
+    // A password file is read by the fleet component, not while parsing.
+    let t = fleet(
+        "",
+        HTTP,
+        "[fleet.etcd.auth]\nuser = \"edge\"\npassword_file = \"/nonexistent/pw\"\n",
+    );
+    assert!(parse_str(&t).is_ok());
+}
+
+#[test]
+fn fleet_timing_and_prefix_are_checked() {
+    let t = fleet(
+        "lease_ttl = \"1500ms\"\nreport_interval = \"5s\"\nprefix = \"cellgate\"\nrequest_timeout = \"0s\"",
+        HTTP,
+        "",
+    );
+    assert_error(&t, "fleet.lease_ttl", "expected whole seconds from 2s to 5m");
+    assert_error(&t, "fleet.report_interval", "at most a third of `fleet.lease_ttl`");
+    assert_error(&t, "fleet.prefix", "invalid prefix `cellgate`");
+    assert_error(&t, "fleet.request_timeout", "must be greater than zero");
+    assert_error(
+        &fleet("partial_outage = \"sometimes\"", HTTP, ""),
+        "fleet.partial_outage",
+        "majority",
+    );
+    assert_error(
+        &fleet("etcd_endpoints = []", HTTP, ""),
+        "fleet.etcd_endpoints",
+        "unknown field",
+    );
+}
+
+#[test]
+fn fleet_edge_name_must_be_a_key_segment() {
+    let t = fleet("", HTTP, "").replace(r#"name = "edge-1""#, r#"name = "edge 1/a""#);
+    assert_error(&t, "edge.name", "invalid edge name `edge 1/a` for a fleet");
+    // Alone, an edge may keep any name.
+    let t = BASE.replace(r#"name = "edge-1""#, r#"name = "edge 1/a""#);
+    assert!(parse_str(&t).is_ok());
+}

@@ -89,6 +89,7 @@ impl Topology {
                 proxy: RawProxy::default(),
                 dns: RawDns::default(),
                 admin: RawAdmin::default(),
+                fleet: None,
             },
         }
     }
