@@ -60,7 +60,7 @@ impl Zones {
             let negative_soa = Record::from_rdata(origin.clone(), ttl.min(secs(z.soa.minimum)), RData::SOA(soa_rdata));
             let ns =
                 z.ns.iter()
-                    .filter_map(|n| name(n))
+                    .filter_map(|n| name(&n.name))
                     .map(|n| Record::from_rdata(origin.clone(), ttl, RData::NS(NS(n))))
                     .collect();
             let mut names = HashSet::new();
