@@ -186,7 +186,11 @@ impl Validator {
             for (j, n) in z.ns.iter().enumerate() {
                 let nkey = format!("{key}.ns[{j}]");
                 let Some(name) = dns_name(n.name()) else {
-                    let nkey = if matches!(n, RawNs::Server(_)) { format!("{nkey}.name") } else { nkey };
+                    let nkey = if matches!(n, RawNs::Server(_)) {
+                        format!("{nkey}.name")
+                    } else {
+                        nkey
+                    };
                     self.problem(nkey, format!("invalid DNS name `{}`", n.name()));
                     continue;
                 };
@@ -202,7 +206,10 @@ impl Validator {
                     match a.parse::<IpAddr>() {
                         Ok(IpAddr::V4(v4)) if !server.v4.contains(&v4) => server.v4.push(v4),
                         Ok(IpAddr::V6(v6)) if !server.v6.contains(&v6) => server.v6.push(v6),
-                        Ok(ip) => self.problem(format!("{nkey}.addresses[{k}]"), format!("address {ip} is listed twice")),
+                        Ok(ip) => self.problem(
+                            format!("{nkey}.addresses[{k}]"),
+                            format!("address {ip} is listed twice"),
+                        ),
                         Err(_) => self.problem(
                             format!("{nkey}.addresses[{k}]"),
                             format!("invalid IP address `{a}`: expected one like \"192.0.2.53\" or \"2001:db8::53\""),
@@ -318,7 +325,11 @@ impl Validator {
         }
         for (i, z) in zones.iter().enumerate() {
             for (j, n) in z.ns.iter().enumerate() {
-                if n.v4.is_empty() && n.v6.is_empty() && serving_zone(zones, &n.name).is_some() && !given.contains_key(&n.name) {
+                if n.v4.is_empty()
+                    && n.v6.is_empty()
+                    && serving_zone(zones, &n.name).is_some()
+                    && !given.contains_key(&n.name)
+                {
                     problems.push((
                         format!("dns.zones[{i}].ns[{j}]"),
                         format!(
@@ -331,10 +342,17 @@ impl Validator {
             }
         }
         for (name, (key, _, _)) in &given {
-            if let Some((i, s)) = services.iter().enumerate().find(|(_, s)| s.dns_name.as_deref() == Some(name.as_str())) {
+            if let Some((i, s)) = services
+                .iter()
+                .enumerate()
+                .find(|(_, s)| s.dns_name.as_deref() == Some(name.as_str()))
+            {
                 problems.push((
                     format!("services[{i}].dns_name"),
-                    format!("`{name}` is also a name server with fixed addresses ({key}) of service `{}`", s.name),
+                    format!(
+                        "`{name}` is also a name server with fixed addresses ({key}) of service `{}`",
+                        s.name
+                    ),
                 ));
             }
         }
@@ -366,12 +384,20 @@ impl Validator {
                 dflt
             }
             Some(n) if n > 1_000_000 => {
-                v.problem(format!("dns.rrl.{key}"), format!("{n} is out of range: expected 1 to 1000000"));
+                v.problem(
+                    format!("dns.rrl.{key}"),
+                    format!("{n} is out of range: expected 1 to 1000000"),
+                );
                 dflt
             }
             Some(n) => n,
         };
-        let responses_per_second = rate(self, "responses_per_second", raw.responses_per_second, d.responses_per_second);
+        let responses_per_second = rate(
+            self,
+            "responses_per_second",
+            raw.responses_per_second,
+            d.responses_per_second,
+        );
         let errors_per_second = rate(self, "errors_per_second", raw.errors_per_second, responses_per_second);
         let window = self.duration("dns.rrl.window", raw.window.as_ref(), d.window);
         if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&window) {
@@ -383,11 +409,17 @@ impl Validator {
         }
         let ipv4_prefix = raw.ipv4_prefix.unwrap_or(d.ipv4_prefix);
         if ipv4_prefix > 32 {
-            self.problem("dns.rrl.ipv4_prefix", format!("{ipv4_prefix} is out of range: expected 0 to 32"));
+            self.problem(
+                "dns.rrl.ipv4_prefix",
+                format!("{ipv4_prefix} is out of range: expected 0 to 32"),
+            );
         }
         let ipv6_prefix = raw.ipv6_prefix.unwrap_or(d.ipv6_prefix);
         if ipv6_prefix > 128 {
-            self.problem("dns.rrl.ipv6_prefix", format!("{ipv6_prefix} is out of range: expected 0 to 128"));
+            self.problem(
+                "dns.rrl.ipv6_prefix",
+                format!("{ipv6_prefix} is out of range: expected 0 to 128"),
+            );
         }
         let mut exempt = Vec::new();
         for (i, c) in raw.exempt.iter().enumerate() {

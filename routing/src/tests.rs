@@ -572,7 +572,10 @@ fn fail_open_ranks_by_distance_for_geo_per_client() {
     set_health(&mut m, "c3", Health::Unknown);
     let t = table(&c, &m, &OperatorState::default());
     query.client.location = Some(c.cells[0].location);
-    assert_eq!(steer(&t, &query, NOW).primary().map(|p| t.cell(p).id.to_string()), Some("c3".into()));
+    assert_eq!(
+        steer(&t, &query, NOW).primary().map(|p| t.cell(p).id.to_string()),
+        Some("c3".into())
+    );
 }
 
 #[test]
@@ -613,7 +616,11 @@ fn the_scope_of_a_location_is_the_network_that_decided_it() {
     // Unknown: the largest network around the address that no entry touches.
     assert_eq!(scope("192.0.0.0"), (None, 23));
     assert_eq!(scope("10.0.0.0"), (None, 1), "0.0.0.0/1 holds no entry");
-    assert_eq!(scope("203.0.113.0"), (None, 5), "0xcb = 0b1100_1011: 192.0.0.0/4 holds entries, 200.0.0.0/5 none");
+    assert_eq!(
+        scope("203.0.113.0"),
+        (None, 5),
+        "0xcb = 0b1100_1011: 192.0.0.0/4 holds entries, 200.0.0.0/5 none"
+    );
     // IPv4-mapped IPv6 addresses: the IPv4 answer, in IPv6 terms.
     assert_eq!(scope("::ffff:198.51.100.0"), (Some("IE".into()), 96 + 25));
     assert_eq!(scope("2001:db8:1::"), (Some("JP".into()), 32));
