@@ -29,7 +29,7 @@ tokens = [{{ name = "oncall", env = "CELLGATE_TEST_ADMIN_TOKEN" }}]
 
 [[dns.zones]]
 origin = "example.test"
-ns = ["ns1.example.test"]
+ns = [{{ name = "ns1.example.test", addresses = ["127.0.0.1"] }}]
 soa = {{ rname = "hostmaster.example.test" }}
 
 {}{}{}
