@@ -59,6 +59,7 @@ async fn connection(mut stream: TcpStream, src: SocketAddr, handler: &CellDns, m
     let _ = stream.set_nodelay(true);
     let mut msg = Vec::new();
     let mut out = Vec::new();
+    let mut framed = Vec::new();
     loop {
         let read = async {
             let mut len = [0u8; 2];
@@ -80,7 +81,7 @@ async fn connection(mut stream: TcpStream, src: SocketAddr, handler: &CellDns, m
         let Ok(len) = u16::try_from(out.len()) else {
             return; // cannot happen: responses are kept within 65 535 bytes
         };
-        let mut framed = Vec::with_capacity(out.len() + 2);
+        framed.clear();
         framed.extend_from_slice(&len.to_be_bytes());
         framed.extend_from_slice(&out);
         match tokio::time::timeout(IDLE, stream.write_all(&framed)).await {

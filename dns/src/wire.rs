@@ -393,8 +393,8 @@ fn read_question<'a>(c: &mut Cursor<'a>) -> Option<Question<'a>> {
         label_at[labels] = (c.at - 1 - start) as u8;
         labels += 1;
         c.take(usize::from(len))?;
-        if c.at - start > 255 {
-            return None;
+        if c.at - start > 254 {
+            return None; // 255 bytes at most, the root label included
         }
     }
     let qtype = c.u16()?;
@@ -722,7 +722,6 @@ impl<'b> Response<'b> {
         self.record(Section::Answer, owner, rtype::NS, ttl, |r| r.name(target, origin))
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub fn soa(&mut self, section: Section, owner: Owner<'_>, ttl: u32, soa: &Soa, origin: u16) -> bool {
         self.record(section, owner, rtype::SOA, ttl, |r| {
             r.name(&soa.mname, origin);
@@ -901,13 +900,24 @@ mod tests {
 
     #[test]
     fn names_longer_than_255_bytes_are_malformed() {
-        let mut name = Vec::new();
-        for _ in 0..5 {
-            name.push(63);
-            name.extend_from_slice(&[b'a'; 63]);
-        }
-        name.push(0);
-        assert!(matches!(read(&query(&name, rtype::A, &[], 0)), Read::Malformed(_)));
+        let name = |last: usize| {
+            let mut n = Vec::new();
+            for _ in 0..3 {
+                n.push(63);
+                n.extend_from_slice(&[b'a'; 63]);
+            }
+            n.push(last as u8);
+            n.extend_from_slice(&vec![b'b'; last]);
+            n.push(0);
+            n
+        };
+        assert_eq!(name(61).len(), 255);
+        let longest = query(&name(61), rtype::A, &[], 0);
+        let Read::Query(q) = read(&longest) else {
+            panic!("255 bytes is the most a name may have")
+        };
+        assert_eq!(q.question.expect("q").lower_name().as_str().len(), 253);
+        assert!(matches!(read(&query(&name(62), rtype::A, &[], 0)), Read::Malformed(_)));
     }
 
     #[test]

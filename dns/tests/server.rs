@@ -271,3 +271,40 @@ async fn geo_from_a_maxmind_database_with_its_network_as_scope() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// TCP is served by cellgate's own loop: queries on one connection are
+/// answered in order, pipelined or not, and a message that is not a query
+/// (too short, or a response) is skipped without closing the connection.
+#[tokio::test]
+async fn tcp_answers_many_queries_per_connection_in_order() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = fixture().await;
+    let mut s = tokio::net::TcpStream::connect(f.server.tcp).await.expect("connect");
+    let frame = |bytes: &[u8]| {
+        let mut v = (bytes.len() as u16).to_be_bytes().to_vec();
+        v.extend_from_slice(bytes);
+        v
+    };
+    let mut out = Vec::new();
+    out.extend(frame(&[1, 2, 3])); // shorter than a header: no answer
+    for (i, name) in ["app.example.test.", "ns1.example.test.", "nope.example.test."]
+        .iter()
+        .enumerate()
+    {
+        let mut m = Ask::new(name, RecordType::A).message();
+        m.metadata.id = i as u16;
+        out.extend(frame(&m.to_vec().expect("encode")));
+    }
+    s.write_all(&out).await.expect("write");
+    for (i, rcode) in [ResponseCode::NoError, ResponseCode::NoError, ResponseCode::NXDomain]
+        .into_iter()
+        .enumerate()
+    {
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).await.expect("length");
+        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        s.read_exact(&mut buf).await.expect("message");
+        let m = strict(&buf);
+        assert_eq!((m.metadata.id, m.metadata.response_code), (i as u16, rcode));
+    }
+}
