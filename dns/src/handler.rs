@@ -440,7 +440,7 @@ fn write(
     if let Some(question) = &question {
         r.question(question);
     }
-    let trailer = Trailer {
+    let mut trailer = Trailer {
         opt: q.opt.map(|o| OptOut {
             payload,
             dnssec_ok: o.dnssec_ok(),
@@ -448,6 +448,11 @@ fn write(
         }),
         tsig: q.tsig.as_ref().filter(|_| p.tsig).map(|t| (t, now.as_unix_secs())),
     };
+    // Long TSIG names could push even an empty reply over the limit: then
+    // the TSIG record goes (what is left always fits in 512 bytes).
+    if wire::HEADER_LEN + question.map_or(0, |q| q.wire.len()) + trailer.len() > limit {
+        trailer.tsig = None;
+    }
     r.limit(limit, &trailer);
     if truncated {
         r.truncate();

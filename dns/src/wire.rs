@@ -408,7 +408,9 @@ fn read_question<'a>(c: &mut Cursor<'a>) -> Option<Question<'a>> {
     })
 }
 
-fn read_opt(rdata: &[u8], class: u16, ttl: u32) -> Option<Opt> {
+/// Reads an OPT record; `Err` still carries its fixed fields when the
+/// options are malformed (a FORMERR to it keeps an OPT record).
+fn read_opt(rdata: &[u8], class: u16, ttl: u32) -> Result<Opt, Opt> {
     let mut opt = Opt {
         payload: class,
         version: (ttl >> 16) as u8,
@@ -417,9 +419,12 @@ fn read_opt(rdata: &[u8], class: u16, ttl: u32) -> Option<Opt> {
     };
     let mut c = Cursor { b: rdata, at: 0 };
     while c.at < rdata.len() {
-        let code = c.u16()?;
-        let len = c.u16()?;
-        let data = c.take(usize::from(len))?;
+        let (Some(code), Some(len)) = (c.u16(), c.u16()) else {
+            return Err(Opt { ecs: None, ..opt });
+        };
+        let Some(data) = c.take(usize::from(len)) else {
+            return Err(Opt { ecs: None, ..opt });
+        };
         if code == EDNS_SUBNET {
             opt.ecs = Some(match opt.ecs {
                 None => ClientSubnet::parse(data),
@@ -427,7 +432,7 @@ fn read_opt(rdata: &[u8], class: u16, ttl: u32) -> Option<Opt> {
             });
         }
     }
-    Some(opt)
+    Ok(opt)
 }
 
 fn read_tsig(msg: &[u8], owner_at: usize, rdata_at: usize, rdata: &[u8]) -> Option<Tsig> {
@@ -499,7 +504,13 @@ fn read_body<'a>(msg: &'a [u8], q: &mut Query<'a>) -> Option<()> {
                 if i < additional_from || q.opt.is_some() || msg[owner_at] != 0 {
                     return None;
                 }
-                q.opt = Some(read_opt(rdata, class, ttl)?);
+                match read_opt(rdata, class, ttl) {
+                    Ok(opt) => q.opt = Some(opt),
+                    Err(opt) => {
+                        q.opt = Some(opt);
+                        return None;
+                    }
+                }
             }
             rtype::TSIG => {
                 // Only as the very last record.
@@ -575,7 +586,7 @@ pub struct OptOut {
 }
 
 impl Trailer<'_> {
-    fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         let opt = self.opt.map_or(0, |o| 11 + o.ecs.map_or(0, |e| 4 + e.wire_len()));
         let tsig = self.tsig.map_or(0, |(t, _)| {
             t.key.as_bytes().len() + 10 + t.algorithm.as_bytes().len() + 16
