@@ -450,7 +450,7 @@ fn write(
     };
     // Long TSIG names could push even an empty reply over the limit: then
     // the TSIG record goes (what is left always fits in 512 bytes).
-    if wire::HEADER_LEN + question.map_or(0, |q| q.wire.len()) + trailer.len() > limit {
+    if wire::HEADER_LEN + question.map_or(0, |q| q.wire.len()) + trailer.wire_len() > limit {
         trailer.tsig = None;
     }
     r.limit(limit, &trailer);

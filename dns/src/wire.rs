@@ -586,7 +586,7 @@ pub struct OptOut {
 }
 
 impl Trailer<'_> {
-    pub fn len(&self) -> usize {
+    pub fn wire_len(&self) -> usize {
         let opt = self.opt.map_or(0, |o| 11 + o.ecs.map_or(0, |e| 4 + e.wire_len()));
         let tsig = self.tsig.map_or(0, |(t, _)| {
             t.key.as_bytes().len() + 10 + t.algorithm.as_bytes().len() + 16
@@ -664,7 +664,7 @@ impl<'b> Response<'b> {
     /// Sets the size the message must keep to, given what `trailer` will
     /// need at the end.
     pub fn limit(&mut self, limit: usize, trailer: &Trailer<'_>) {
-        self.room = limit.saturating_sub(trailer.len());
+        self.room = limit.saturating_sub(trailer.wire_len());
     }
 
     fn owner(&mut self, owner: Owner<'_>) {

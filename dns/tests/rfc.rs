@@ -338,10 +338,14 @@ async fn formerr_to_a_query_with_edns_keeps_an_opt_record() {
     e.set_max_payload(1232);
     no_question.set_edns(e);
     let no_question = no_question.to_vec().expect("encode");
+    let mut bad_option = Ask::new("app.example.test.", RecordType::A).no_edns().bytes();
+    bad_option[11] = 1;
+    bad_option.extend_from_slice(&[0, 0, 41, 4, 208, 0, 0, 0, 0, 0, 5, 0, 8, 0, 9, 0]);
     for (what, msg) in [
         ("trailing bytes", trailing),
         ("two OPT records", two_opts),
         ("no question", no_question),
+        ("an option running past its record", bad_option),
     ] {
         for proto in [Proto::Udp, Proto::Tcp] {
             let m = strict(&raw(server_addr(&f, proto), proto, "127.0.0.1", &msg).await);
