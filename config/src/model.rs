@@ -630,7 +630,8 @@ pub struct Rrl {
     pub ipv6_prefix: u8,
     /// Clients in these networks are never limited.
     pub exempt: Vec<IpNet>,
-    /// Buckets kept; the least recently limited one is reused when full.
+    /// Buckets kept; the one that would be forgiven first is reused when
+    /// full. Read when RRL is first turned on (a change needs a restart).
     pub table_size: usize,
 }
 
