@@ -57,6 +57,30 @@ policy = "latency""#,
 }
 
 #[test]
+fn an_in_zone_name_server_without_addresses_is_rejected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let demo = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/demo.toml")).expect("demo");
+    let plain = demo.replace(
+        r#"ns = [{ name = "ns1.demo.test", addresses = ["127.0.0.1"] }]"#,
+        r#"ns = ["ns1.demo.test"]"#,
+    );
+    assert_ne!(plain, demo, "the demo's name server has addresses");
+    let path = dir.path().join("plain-ns.toml");
+    std::fs::write(&path, plain).expect("write");
+    let out = cellgate()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run cellgate");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("dns.zones[0].ns[0]: name server `ns1.demo.test` is inside a zone served here"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn missing_config_file_exits_nonzero() {
     let out = cellgate()
         .args(["check", "--config", "/nonexistent.toml"])

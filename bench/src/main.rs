@@ -5,12 +5,15 @@
 //!   `cellgate run` in front of three `cellgate sim-cell` processes.
 //! * `idle`: opens many idle keep-alive connections through a proxy and
 //!   reports how much resident memory the proxy grew by.
+//! * `compliance`: DNS behaviours ISC's genreport does not cover, against
+//!   cellgate and its peers side by side (`bench/compliance/run`).
 //!
 //! `bench/run` drives both. Everything stays on loopback, and every loop is
 //! bounded in count and in time.
 
 #![forbid(unsafe_code)]
 
+mod compliance;
 mod idle;
 mod load;
 mod scenarios;
@@ -62,6 +65,15 @@ enum Command {
         #[arg(long, default_value = "3s")]
         hold: humantime::Duration,
     },
+    /// DNS compliance checks beyond genreport's, against servers side by side; prints a Markdown table.
+    Compliance {
+        /// A server as NAME=IP:PORT (loopback only); repeat for each.
+        #[arg(long = "server", required = true)]
+        servers: Vec<compliance::Server>,
+        /// The zone every server serves (with app, big, ns1 names: see `compliance.rs`).
+        #[arg(long, default_value = "demo.test")]
+        zone: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -92,6 +104,7 @@ fn main() -> ExitCode {
                 pid,
                 hold,
             } => idle::run(addr, &host, conns, &pid, Duration::from(hold)).await,
+            Command::Compliance { servers, zone } => compliance::run(&servers, &zone).await,
         }
     });
     match result {

@@ -348,16 +348,14 @@ impl Validator {
                 zones.push(zone);
             }
         }
+        self.name_server_addresses(&mut zones, services);
         if listening && zones.is_empty() {
             self.problem("listeners.dns", "a DNS listener needs at least one `[[dns.zones]]`");
         }
         if !zones.is_empty() {
             for (i, s) in services.iter().enumerate() {
                 let Some(name) = &s.dns_name else { continue };
-                let inside = zones
-                    .iter()
-                    .any(|z| name == &z.origin || name.ends_with(&format!(".{}", z.origin)));
-                if !inside {
+                if serving_zone(&zones, name).is_none() {
                     self.problem(
                         format!("services[{i}].dns_name"),
                         format!("`{name}` is not inside any zone of `dns.zones`"),
@@ -365,10 +363,227 @@ impl Validator {
                 }
             }
         }
+        let rrl = raw.rrl.as_ref().map(|r| self.rrl(r));
         Dns {
             max_udp_payload: max_udp_payload.clamp(512, 4096),
             zones,
+            rrl,
         }
+    }
+
+    /// Name servers inside a zone served here must have addresses (else
+    /// cellgate would answer NXDOMAIN for its own name servers and a
+    /// delegation to them could not be followed); outside, they must not
+    /// (cellgate is not authoritative for them). Gives every entry naming
+    /// a server the addresses given for it anywhere.
+    fn name_server_addresses(&mut self, zones: &mut [Zone], services: &[Service]) {
+        let mut given: HashMap<String, (String, Vec<std::net::Ipv4Addr>, Vec<std::net::Ipv6Addr>)> = HashMap::new();
+        let mut problems = Vec::new();
+        for (i, z) in zones.iter().enumerate() {
+            for (j, n) in z.ns.iter().enumerate() {
+                let key = format!("dns.zones[{i}].ns[{j}]");
+                if n.v4.is_empty() && n.v6.is_empty() {
+                    continue;
+                }
+                if serving_zone(zones, &n.name).is_none() {
+                    problems.push((
+                        format!("{key}.addresses"),
+                        format!(
+                            "`{}` is outside every zone served here, so its addresses cannot be served: write the name alone",
+                            n.name
+                        ),
+                    ));
+                    continue;
+                }
+                let (mut v4, mut v6) = (n.v4.clone(), n.v6.clone());
+                v4.sort();
+                v6.sort();
+                match given.get(&n.name) {
+                    Some((first, a, b)) if (a, b) != (&v4, &v6) => problems.push((
+                        format!("{key}.addresses"),
+                        format!("`{}` has other addresses at {first}", n.name),
+                    )),
+                    Some(_) => {}
+                    None => {
+                        given.insert(n.name.clone(), (key, v4, v6));
+                    }
+                }
+            }
+        }
+        for (i, z) in zones.iter().enumerate() {
+            for (j, n) in z.ns.iter().enumerate() {
+                if n.v4.is_empty()
+                    && n.v6.is_empty()
+                    && serving_zone(zones, &n.name).is_some()
+                    && !given.contains_key(&n.name)
+                {
+                    problems.push((
+                        format!("dns.zones[{i}].ns[{j}]"),
+                        format!(
+                            "name server `{}` is inside a zone served here, so it needs its addresses: \
+                             write `{{ name = \"{}\", addresses = [\"192.0.2.53\"] }}`",
+                            n.name, n.name
+                        ),
+                    ));
+                }
+            }
+        }
+        for (name, (key, _, _)) in &given {
+            if let Some((i, s)) = services
+                .iter()
+                .enumerate()
+                .find(|(_, s)| s.dns_name.as_deref() == Some(name.as_str()))
+            {
+                problems.push((
+                    format!("services[{i}].dns_name"),
+                    format!(
+                        "`{name}` is also a name server with fixed addresses ({key}) of service `{}`",
+                        s.name
+                    ),
+                ));
+            }
+        }
+        problems.sort();
+        for (k, m) in problems {
+            self.problem(k, m);
+        }
+        for z in zones.iter_mut() {
+            for n in &mut z.ns {
+                if let Some((_, v4, v6)) = given.get(&n.name) {
+                    if n.v4.is_empty() && n.v6.is_empty() {
+                        n.v4.clone_from(v4);
+                        n.v6.clone_from(v6);
+                    }
+                }
+            }
+        }
+    }
+
+    fn rrl(&mut self, raw: &RawRrl) -> Rrl {
+        let d = Rrl::default();
+        let rate = |v: &mut Self, key: &str, x: Option<u32>, dflt: u32| match x {
+            None => dflt,
+            Some(0) => {
+                v.problem(
+                    format!("dns.rrl.{key}"),
+                    "must be at least 1 (to turn rate limiting off, remove `[dns.rrl]`)",
+                );
+                dflt
+            }
+            Some(n) if n > 1_000_000 => {
+                v.problem(
+                    format!("dns.rrl.{key}"),
+                    format!("{n} is out of range: expected 1 to 1000000"),
+                );
+                dflt
+            }
+            Some(n) => n,
+        };
+        let responses_per_second = rate(
+            self,
+            "responses_per_second",
+            raw.responses_per_second,
+            d.responses_per_second,
+        );
+        let errors_per_second = rate(self, "errors_per_second", raw.errors_per_second, responses_per_second);
+        let window = self.duration("dns.rrl.window", raw.window.as_ref(), d.window);
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&window) {
+            self.problem("dns.rrl.window", "out of range: expected 1s to 1h");
+        }
+        let slip = raw.slip.unwrap_or(d.slip);
+        if slip > 10 {
+            self.problem("dns.rrl.slip", format!("{slip} is out of range: expected 0 to 10"));
+        }
+        let ipv4_prefix = raw.ipv4_prefix.unwrap_or(d.ipv4_prefix);
+        if ipv4_prefix > 32 {
+            self.problem(
+                "dns.rrl.ipv4_prefix",
+                format!("{ipv4_prefix} is out of range: expected 0 to 32"),
+            );
+        }
+        let ipv6_prefix = raw.ipv6_prefix.unwrap_or(d.ipv6_prefix);
+        if ipv6_prefix > 128 {
+            self.problem(
+                "dns.rrl.ipv6_prefix",
+                format!("{ipv6_prefix} is out of range: expected 0 to 128"),
+            );
+        }
+        let mut exempt = Vec::new();
+        for (i, c) in raw.exempt.iter().enumerate() {
+            match c.parse::<ipnet::IpNet>() {
+                Ok(n) => exempt.push(n.trunc()),
+                Err(_) => match c.parse::<IpAddr>() {
+                    Ok(ip) => exempt.push(ipnet::IpNet::from(ip)),
+                    Err(_) => self.problem(
+                        format!("dns.rrl.exempt[{i}]"),
+                        format!("invalid CIDR `{c}`: expected a network like \"192.0.2.0/24\" or an address"),
+                    ),
+                },
+            }
+        }
+        let table_size = raw.table_size.map_or(d.table_size, |n| n as usize);
+        if !(1024..=1 << 24).contains(&table_size) {
+            self.problem(
+                "dns.rrl.table_size",
+                format!("{table_size} is out of range: expected 1024 to 16777216"),
+            );
+        }
+        Rrl {
+            responses_per_second,
+            errors_per_second,
+            window: window.clamp(Duration::from_secs(1), Duration::from_secs(3600)),
+            slip: slip.min(10),
+            ipv4_prefix: ipv4_prefix.min(32),
+            ipv6_prefix: ipv6_prefix.min(128),
+            exempt,
+            table_size: table_size.clamp(1024, 1 << 24),
+        }
+    }
+
+    fn name_servers(&mut self, key: &str, z: &RawZone) -> Vec<NameServer> {
+        let mut ns: Vec<NameServer> = Vec::new();
+        for (j, n) in z.ns.iter().enumerate() {
+            let nkey = format!("{key}.ns[{j}]");
+            let Some(name) = dns_name(n.name()) else {
+                let nkey = if matches!(n, RawNs::Server(_)) {
+                    format!("{nkey}.name")
+                } else {
+                    nkey
+                };
+                self.problem(nkey, format!("invalid DNS name `{}`", n.name()));
+                continue;
+            };
+            if ns.iter().any(|x| x.name == name) {
+                self.problem(nkey.clone(), format!("name server `{name}` is listed twice"));
+            }
+            let mut server = NameServer {
+                name,
+                v4: Vec::new(),
+                v6: Vec::new(),
+            };
+            for (k, a) in n.addresses().iter().enumerate() {
+                match a.parse::<IpAddr>() {
+                    Ok(IpAddr::V4(v4)) if !server.v4.contains(&v4) => server.v4.push(v4),
+                    Ok(IpAddr::V6(v6)) if !server.v6.contains(&v6) => server.v6.push(v6),
+                    Ok(ip) => self.problem(
+                        format!("{nkey}.addresses[{k}]"),
+                        format!("address {ip} is listed twice"),
+                    ),
+                    Err(_) => self.problem(
+                        format!("{nkey}.addresses[{k}]"),
+                        format!("invalid IP address `{a}`: expected one like \"192.0.2.53\" or \"2001:db8::53\""),
+                    ),
+                }
+            }
+            if matches!(n, RawNs::Server(_)) && n.addresses().is_empty() {
+                self.problem(
+                    format!("{nkey}.addresses"),
+                    "expected at least one address (or write the name alone, as a string)",
+                );
+            }
+            ns.push(server);
+        }
+        ns
     }
 
     fn zone(&mut self, key: &str, z: &RawZone) -> Option<Zone> {
@@ -376,18 +591,12 @@ impl Validator {
             self.problem(format!("{key}.origin"), format!("invalid DNS name `{}`", z.origin));
             return None;
         };
-        let mut ns = Vec::new();
-        for (j, n) in z.ns.iter().enumerate() {
-            match dns_name(n) {
-                Some(n) => ns.push(n),
-                None => self.problem(format!("{key}.ns[{j}]"), format!("invalid DNS name `{n}`")),
-            }
-        }
+        let ns = self.name_servers(key, z);
         if z.ns.is_empty() {
             self.problem(format!("{key}.ns"), "a zone needs at least one name server");
         }
         let mname = match z.soa.mname.as_deref().map(dns_name) {
-            None => ns.first().cloned().unwrap_or_else(|| origin.clone()),
+            None => ns.first().map(|n| n.name.clone()).unwrap_or_else(|| origin.clone()),
             Some(Some(m)) => m,
             Some(None) => {
                 self.problem(format!("{key}.soa.mname"), "invalid DNS name");
@@ -1175,6 +1384,15 @@ fn valid_header_name(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// The zone serving `name` (lower case, no trailing dot): the one with the
+/// longest origin that is `name` or one of its parents.
+fn serving_zone<'z>(zones: &'z [Zone], name: &str) -> Option<&'z Zone> {
+    zones
+        .iter()
+        .filter(|z| name == z.origin || name.ends_with(&format!(".{}", z.origin)))
+        .max_by_key(|z| z.origin.len())
 }
 
 /// Lower-cases and checks a DNS name; strips one trailing dot.

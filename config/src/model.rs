@@ -500,9 +500,12 @@ impl Default for ProxySettings {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Dns {
     /// Largest UDP answer, whatever the client advertises (RFC 9715
-    /// suggests 1232 to avoid fragmentation).
+    /// suggests 1232 to avoid fragmentation). Also the payload size the
+    /// server advertises in its own OPT record.
     pub max_udp_payload: u16,
     pub zones: Vec<Zone>,
+    /// Response rate limiting; `None`: off.
+    pub rrl: Option<Rrl>,
 }
 
 impl Default for Dns {
@@ -510,6 +513,7 @@ impl Default for Dns {
         Self {
             max_udp_payload: 1232,
             zones: Vec::new(),
+            rrl: None,
         }
     }
 }
@@ -519,10 +523,70 @@ impl Default for Dns {
 pub struct Zone {
     /// Lower case, without the trailing dot.
     pub origin: String,
-    pub ns: Vec<String>,
+    /// The zone's NS RRset, in file order.
+    pub ns: Vec<NameServer>,
     pub soa: Soa,
-    /// TTL of the SOA and NS records.
+    /// TTL of the SOA and NS records and of the name servers' addresses.
     pub ttl: Duration,
+}
+
+/// A name server of a zone.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NameServer {
+    /// Lower case, without the trailing dot.
+    pub name: String,
+    /// The server's addresses. Never empty for a name inside a zone served
+    /// here (cellgate answers A/AAAA for it and adds them as glue to NS
+    /// answers); always empty for a name outside every zone served here.
+    /// When several `ns` entries name the same server, every one carries
+    /// the addresses given.
+    pub v4: Vec<Ipv4Addr>,
+    pub v6: Vec<Ipv6Addr>,
+}
+
+/// Response rate limiting (`[dns.rrl]`), in the style of NSD, Knot and
+/// BIND: UDP responses to one client network for one answer (or one error
+/// class) are limited to a rate; over it, responses are dropped except every
+/// `slip`-th, which is a truncated (TC) reply so that a real resolver
+/// retries over TCP. TCP is never limited.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rrl {
+    /// Responses per second with the same answer (name, or the zone for
+    /// NXDOMAIN/NODATA) to one client network. Also the burst allowed.
+    pub responses_per_second: u32,
+    /// The same for error responses (REFUSED, FORMERR, SERVFAIL, NOTIMP,
+    /// NOTAUTH), counted together per client network.
+    pub errors_per_second: u32,
+    /// How far back the rate is measured: a network that kept over its
+    /// limit stays limited until its average over this window is under it
+    /// (BIND's `window`).
+    pub window: Duration,
+    /// Every `slip`-th limited response is sent truncated instead of
+    /// dropped; 0 drops them all, 1 truncates them all.
+    pub slip: u32,
+    /// Client networks: IPv4 addresses are grouped by this prefix length.
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
+    /// Clients in these networks are never limited.
+    pub exempt: Vec<IpNet>,
+    /// Buckets kept; the one that would be forgiven first is reused when
+    /// full. Read when RRL is first turned on (a change needs a restart).
+    pub table_size: usize,
+}
+
+impl Default for Rrl {
+    fn default() -> Self {
+        Self {
+            responses_per_second: 200,
+            errors_per_second: 200,
+            window: Duration::from_secs(15),
+            slip: 2,
+            ipv4_prefix: 24,
+            ipv6_prefix: 56,
+            exempt: Vec::new(),
+            table_size: 1 << 17,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

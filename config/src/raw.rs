@@ -107,15 +107,85 @@ pub struct RawDns {
     pub max_udp_payload: Option<u16>,
     #[serde(default)]
     pub zones: Vec<RawZone>,
+    pub rrl: Option<RawRrl>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct RawZone {
     pub origin: String,
-    pub ns: Vec<String>,
+    pub ns: Vec<RawNs>,
     pub soa: RawSoa,
     pub ttl: Option<String>,
+}
+
+/// One name server of a zone: a plain name (`"ns1.example.net"`) or a table
+/// with its addresses (`{ name = "ns1.example.com", addresses = ["192.0.2.53"] }`).
+#[derive(Serialize, Clone, Debug)]
+#[serde(untagged)]
+pub enum RawNs {
+    Name(String),
+    Server(RawNsServer),
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawNsServer {
+    pub name: String,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+}
+
+impl RawNs {
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Name(n) => n,
+            Self::Server(s) => &s.name,
+        }
+    }
+    pub fn addresses(&self) -> &[String] {
+        match self {
+            Self::Name(_) => &[],
+            Self::Server(s) => &s.addresses,
+        }
+    }
+}
+
+// By hand rather than `#[serde(untagged)]`, so that a mistake inside the
+// table form is reported as it is ("unknown field `adresses`") with its key
+// path, not as "did not match any variant".
+impl<'de> Deserialize<'de> for RawNs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawNs;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a name server: a DNS name, or a table `{ name = \"...\", addresses = [\"...\"] }`")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawNs, E> {
+                Ok(RawNs::Name(v.to_owned()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawNs, A::Error> {
+                RawNsServer::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(RawNs::Server)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// `[dns.rrl]`: response rate limiting. Absent: off.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawRrl {
+    pub responses_per_second: Option<u32>,
+    pub errors_per_second: Option<u32>,
+    pub window: Option<String>,
+    pub slip: Option<u32>,
+    pub ipv4_prefix: Option<u8>,
+    pub ipv6_prefix: Option<u8>,
+    #[serde(default)]
+    pub exempt: Vec<String>,
+    pub table_size: Option<u32>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]

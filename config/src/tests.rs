@@ -484,3 +484,123 @@ fn fleet_edge_name_must_be_a_key_segment() {
     let t = BASE.replace(r#"name = "edge-1""#, r#"name = "edge 1/a""#);
     assert!(parse_str(&t).is_ok());
 }
+const DNS: &str = r#"
+[[dns.zones]]
+origin = "example.test"
+ns = [{ name = "ns1.example.test", addresses = ["192.0.2.53", "2001:db8::53"] }, "ns.other.net"]
+soa = { rname = "hostmaster.example.test" }
+"#;
+
+#[test]
+fn zone_name_servers_with_addresses() {
+    let c = parse_str(&format!("{BASE}{DNS}")).expect("valid");
+    let z = &c.dns.zones[0];
+    assert_eq!(z.ns.len(), 2);
+    assert_eq!(z.ns[0].name, "ns1.example.test");
+    assert_eq!(z.ns[0].v4, ["192.0.2.53".parse::<std::net::Ipv4Addr>().expect("ip")]);
+    assert_eq!(z.ns[0].v6, ["2001:db8::53".parse::<std::net::Ipv6Addr>().expect("ip")]);
+    assert_eq!((z.ns[1].name.as_str(), z.ns[1].v4.len()), ("ns.other.net", 0));
+    assert_eq!(
+        z.soa.mname, "ns1.example.test",
+        "mname defaults to the first name server"
+    );
+    assert_eq!(c.dns.rrl, None, "rate limiting is off unless configured");
+}
+
+#[test]
+fn an_in_zone_name_server_needs_addresses() {
+    let t = format!("{BASE}{DNS}").replace(
+        r#"{ name = "ns1.example.test", addresses = ["192.0.2.53", "2001:db8::53"] }"#,
+        r#""NS1.example.test.""#,
+    );
+    assert_error(
+        &t,
+        "dns.zones[0].ns[0]",
+        "name server `ns1.example.test` is inside a zone served here, so it needs its addresses",
+    );
+    // Named again elsewhere without addresses: fine, they are given once.
+    let t = format!("{BASE}{DNS}\n[[dns.zones]]\norigin = \"example.org\"\nns = [\"ns1.example.test\"]\nsoa = {{ rname = \"h.example.org\" }}\n");
+    let c = parse_str(&t).expect("valid");
+    assert_eq!(
+        c.dns.zones[1].ns[0].v4.len(),
+        1,
+        "the addresses given in the other zone"
+    );
+}
+
+#[test]
+fn name_server_address_mistakes_are_reported_with_their_key() {
+    let t = format!("{BASE}{DNS}").replace(
+        r#""ns.other.net""#,
+        r#"{ name = "ns.other.net", addresses = ["198.51.100.1"] }"#,
+    );
+    assert_error(
+        &t,
+        "dns.zones[0].ns[1].addresses",
+        "`ns.other.net` is outside every zone served here",
+    );
+    let t = format!("{BASE}{DNS}").replace(r#""192.0.2.53""#, r#""192.0.2.300""#);
+    assert_error(
+        &t,
+        "dns.zones[0].ns[0].addresses[0]",
+        "invalid IP address `192.0.2.300`",
+    );
+    let t = format!("{BASE}{DNS}").replace("addresses = [", "adresses = [");
+    assert_error(
+        &t,
+        "dns.zones[0].ns[0].adresses",
+        "unknown field `adresses`, expected `name` or `addresses`",
+    );
+    let t = format!("{BASE}{DNS}").replace(r#"addresses = ["192.0.2.53", "2001:db8::53"]"#, "addresses = []");
+    assert_error(&t, "dns.zones[0].ns[0].addresses", "expected at least one address");
+    let t = format!("{BASE}{DNS}").replace("ns1.example.test", "app.example.test");
+    assert_error(&t, "services[0].dns_name", "`app.example.test` is also a name server");
+}
+
+#[test]
+fn rate_limiting_defaults_and_ranges() {
+    let c = parse_str(&format!("{BASE}{DNS}\n[dns.rrl]\n")).expect("valid");
+    let rrl = c.dns.rrl.expect("on");
+    assert_eq!(rrl, Rrl::default());
+    assert_eq!(
+        (rrl.responses_per_second, rrl.slip, rrl.ipv4_prefix, rrl.ipv6_prefix),
+        (200, 2, 24, 56)
+    );
+    let c = parse_str(&format!(
+        "{BASE}{DNS}\n[dns.rrl]\nresponses_per_second = 5\nwindow = \"2s\"\nslip = 0\nexempt = [\"10.0.0.1/8\", \"::1\"]\n"
+    ))
+    .expect("valid");
+    let rrl = c.dns.rrl.expect("on");
+    assert_eq!(
+        (rrl.responses_per_second, rrl.errors_per_second),
+        (5, 5),
+        "errors follow responses"
+    );
+    assert_eq!(rrl.window, std::time::Duration::from_secs(2));
+    assert_eq!(
+        rrl.exempt,
+        [
+            "10.0.0.0/8".parse::<ipnet::IpNet>().expect("net"),
+            "::1/128".parse().expect("net")
+        ]
+    );
+    for (line, key, needle) in [
+        (
+            "responses_per_second = 0",
+            "dns.rrl.responses_per_second",
+            "must be at least 1",
+        ),
+        ("slip = 11", "dns.rrl.slip", "expected 0 to 10"),
+        ("ipv4_prefix = 33", "dns.rrl.ipv4_prefix", "expected 0 to 32"),
+        ("window = \"0s\"", "dns.rrl.window", "expected 1s to 1h"),
+        ("exempt = [\"10.0.0.0/33\"]", "dns.rrl.exempt[0]", "invalid CIDR"),
+        ("table_size = 10", "dns.rrl.table_size", "expected 1024"),
+    ] {
+        assert_error(&format!("{BASE}{DNS}\n[dns.rrl]\n{line}\n"), key, needle);
+    }
+    let errs = errors(&format!("{BASE}{DNS}\n[dns.rrl]\nrate = 5\n"));
+    assert!(
+        errs[0].contains("dns.rrl") && errs[0].contains("unknown field `rate`"),
+        "{errs:?}"
+    );
+}

@@ -1,29 +1,41 @@
 //! cellgate DNS: an authoritative server whose A/AAAA answers come from
 //! `routing::steer`, the same function the proxy uses.
 //!
-//! [`CellDns`] is hickory-server's `RequestHandler`: it sees the whole
-//! request (EDNS Client Subnet included), locates the client (ECS network
-//! or source address, via the config's CIDR table then the geo database),
-//! steers, and answers with the chosen cells' addresses, the SOA for
-//! negative answers, and an ECS scope that tells resolvers how widely they
-//! may cache the answer. [`DnsServer`] serves it on UDP (our own receive
-//! loop, `udp.rs`) and TCP (hickory's server), on sockets bound by
-//! [`DnsListener::bind`].
+//! [`CellDns::respond`] takes a query's bytes and writes the response's:
+//! it reads the query strictly (`wire`), locates the client (EDNS Client
+//! Subnet network or source address, via the config's CIDR table then the
+//! geo database), steers, and answers with the chosen cells' addresses, the
+//! SOA for negative answers, the zone's name servers with their addresses,
+//! and an ECS scope that tells resolvers how widely they may cache the
+//! answer (`ecs`). Responses that do not fit are truncated to a header, the
+//! question and the OPT record; UDP responses are rate limited when
+//! `[dns.rrl]` says so (`rrl`). [`DnsServer`] serves it on UDP (one receive
+//! loop per worker, `udp.rs`) and TCP (`tcp.rs`).
 //!
-//! Depends on `config`, `routing` and `snapshot`; never on the prober, the
-//! proxy or admin.
+//! The wire format is cellgate's own rather than hickory's: answering
+//! needs what hickory's parser drops (the Client Subnet option's exact
+//! bytes, a TSIG record's names, the OPT of a query it cannot parse) and a
+//! truncation that never leaves a partial record behind. hickory-proto
+//! stays as the independent parser of the tests.
+//!
+//! Depends on `config`, `routing` and `snapshot`; never on the prober,
+//! the proxy or admin.
 
 #![forbid(unsafe_code)]
 
+pub mod ecs;
 mod handler;
+pub mod rrl;
+mod tcp;
 mod udp;
+pub mod wire;
 mod zones;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
 use cellgate_snapshot::Snapshots;
 
-pub use handler::{Answer, CellDns};
+pub use handler::{respond, CellDns, Ctx, Transport};
 pub use zones::{Zone, Zones};
 
 #[derive(Debug, thiserror::Error)]
@@ -73,8 +85,7 @@ impl DnsListener {
 
 /// A running DNS server on one address, UDP and TCP.
 pub struct DnsServer {
-    /// TCP.
-    server: hickory_server::Server<CellDns>,
+    tcp_loop: Option<tokio::task::JoinHandle<()>>,
     /// UDP: one receive loop per runtime worker.
     udp_loops: Vec<tokio::task::JoinHandle<()>>,
     stop: tokio::sync::watch::Sender<bool>,
@@ -87,9 +98,6 @@ impl std::fmt::Debug for DnsServer {
     }
 }
 
-/// How long a TCP client may stay idle between queries.
-const TCP_IDLE: Duration = Duration::from_secs(10);
-
 impl DnsServer {
     /// Serves answers from `snapshots` on `listener`. Must be called inside
     /// a tokio runtime.
@@ -99,17 +107,16 @@ impl DnsServer {
             proto: "udp",
             source,
         })?;
-        let handler = Arc::new(CellDns::new(snapshots.clone()));
+        let handler = Arc::new(CellDns::new(snapshots));
         let udp = Arc::new(listener.udp);
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let loops = tokio::runtime::Handle::current().metrics().num_workers().max(1);
         let udp_loops = (0..loops)
             .map(|_| tokio::spawn(udp::serve(udp.clone(), handler.clone(), stopped.clone())))
             .collect();
-        let mut server = hickory_server::Server::new(CellDns::new(snapshots));
-        server.register_listener(listener.tcp, TCP_IDLE, 64);
+        let tcp_loop = Some(tokio::spawn(tcp::serve(listener.tcp, handler, stopped)));
         Ok(Self {
-            server,
+            tcp_loop,
             udp_loops,
             stop,
             addr,
@@ -119,9 +126,8 @@ impl DnsServer {
     /// Stops serving.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
-        for l in self.udp_loops.drain(..) {
+        for l in self.udp_loops.drain(..).chain(self.tcp_loop.take()) {
             let _ = l.await;
         }
-        let _ = self.server.shutdown_gracefully().await;
     }
 }

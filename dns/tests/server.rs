@@ -1,297 +1,18 @@
 //! The DNS server end to end: real UDP and TCP sockets on loopback, raw
 //! queries built with hickory-proto, tables swapped as the publisher would.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    path::Path,
-    sync::Arc,
-    time::Duration,
-};
+mod support;
 
-use cellgate_config::{CellId, Config};
-use cellgate_dns::{DnsListener, DnsServer};
-use cellgate_routing::{
-    CellMeasurement, Drain, DrainMode, GeoDatabase, Health, Measurements, OperatorState, RoutingTable, Timestamp,
-};
-use cellgate_snapshot::{Clock, Snapshots};
+use std::path::Path;
+
+use cellgate_config::CellId;
+use cellgate_routing::{Drain, DrainMode, OperatorState, Timestamp};
 use hickory_proto::{
-    op::{Edns, Message, MessageType, OpCode, Query, ResponseCode},
-    rr::{
-        rdata::opt::{ClientSubnet, EdnsCode, EdnsOption},
-        Name, RData, RecordType,
-    },
+    op::{Edns, Message, OpCode, ResponseCode},
+    rr::{RData, RecordType},
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpStream, UdpSocket},
-};
-
-fn config_text(extra_geo: &str) -> String {
-    let many: Vec<String> = (1..=40).map(|i| format!("\"127.0.9.{i}\"")).collect();
-    format!(
-        r#"
-[edge]
-name = "e"
-location = {{ lat = 50.11, lon = 8.68 }}
-[listeners]
-dns = "127.0.0.1:0"
-[[dns.zones]]
-origin = "Example.test"
-ns = ["ns1.example.test", "ns2.example.test"]
-soa = {{ rname = "hostmaster.example.test", serial = 7, minimum = "60s" }}
-ttl = "1h"
-[[cells]]
-id = "eu"
-region = "eu"
-location = {{ lat = 53.35, lon = -6.26 }}
-country = "IE"
-http = ["127.0.0.1:1"]
-dns = ["127.0.1.1", "2001:db8:1::1"]
-[[cells]]
-id = "us"
-region = "us"
-location = {{ lat = 39.04, lon = -77.49 }}
-country = "US"
-http = ["127.0.0.1:2"]
-dns = ["127.0.2.1", "2001:db8:2::1"]
-[[cells]]
-id = "ap"
-region = "ap"
-location = {{ lat = 19.08, lon = 72.88 }}
-country = "IN"
-http = ["127.0.0.1:3"]
-dns = ["127.0.3.1"]
-[[cells]]
-id = "many"
-region = "many"
-location = {{ lat = 0.0, lon = 0.0 }}
-country = "ZZ"
-http = ["127.0.0.1:4"]
-dns = [{}]
-[[services]]
-name = "app"
-dns_name = "app.example.test"
-cells = ["eu", "us", "ap"]
-policy = "geo"
-dns_ttl = "30s"
-dns_degraded_ttl = "5s"
-[[services]]
-name = "lat"
-dns_name = "lat.deep.example.test"
-cells = ["eu", "us", "ap"]
-policy = "failover"
-dns_answers = 2
-[[services]]
-name = "closed"
-dns_name = "closed.example.test"
-cells = ["ap"]
-policy = "failover"
-all_down = "closed"
-[[services]]
-name = "big"
-dns_name = "big.example.test"
-cells = ["many"]
-policy = "failover"
-{extra_geo}
-"#,
-        many.join(", ")
-    )
-}
-
-const CIDR_GEO: &str = r#"
-[[geo.networks]]
-cidr = "198.51.100.0/24"
-country = "IE"
-location = { lat = 53.35, lon = -6.26 }
-[[geo.networks]]
-cidr = "192.0.2.0/24"
-country = "US"
-location = { lat = 37.43, lon = -78.66 }
-[[geo.networks]]
-cidr = "203.0.113.0/25"
-country = "IN"
-location = { lat = 20.59, lon = 78.96 }
-[[geo.networks]]
-cidr = "127.0.0.2/32"
-country = "IN"
-location = { lat = 20.59, lon = 78.96 }
-[[geo.networks]]
-cidr = "127.0.0.3/32"
-country = "US"
-location = { lat = 37.43, lon = -78.66 }
-"#;
-
-fn measurements(config: &Config, down: &[&str]) -> Measurements {
-    let mut m = Measurements::default();
-    for c in &config.cells {
-        let up = !down.contains(&c.id.as_str());
-        m.cells.push(CellMeasurement {
-            health: if up { Health::Up } else { Health::Down },
-            endpoints_up: u32::from(up),
-            endpoints_total: 1,
-            srtt: Some(Duration::from_millis(5)),
-            ..Default::default()
-        });
-    }
-    m
-}
-
-struct Fixture {
-    config: Arc<Config>,
-    geo: Option<GeoDatabase>,
-    snapshots: Arc<Snapshots>,
-    server: DnsServer,
-}
-
-impl Fixture {
-    async fn new(text: &str, path: &Path) -> Self {
-        let config = Arc::new(cellgate_config::parse(text, path).unwrap_or_else(|e| panic!("{e}")));
-        let geo = config
-            .geo
-            .mmdb
-            .as_ref()
-            .map(|p| GeoDatabase::from_bytes(std::fs::read(p).expect("mmdb")).expect("mmdb parses"));
-        let table = RoutingTable::build(
-            config.clone(),
-            geo.clone(),
-            &measurements(&config, &[]),
-            &OperatorState::default(),
-            None,
-            1,
-        );
-        let snapshots = Arc::new(Snapshots::standalone(table, Clock::system()));
-        let listener = DnsListener::bind("127.0.0.1:0".parse().expect("addr"))
-            .await
-            .expect("bind");
-        let server = DnsServer::start(listener, snapshots.clone()).expect("start");
-        Self {
-            config,
-            geo,
-            snapshots,
-            server,
-        }
-    }
-    fn publish(&self, down: &[&str], op: &OperatorState) {
-        let prev = self.snapshots.load_full();
-        let t = RoutingTable::build(
-            self.config.clone(),
-            self.geo.clone(),
-            &measurements(&self.config, down),
-            op,
-            Some(&prev.table),
-            prev.generation() + 1,
-        );
-        self.snapshots.store_table(t);
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Proto {
-    Udp,
-    Tcp,
-}
-
-struct Ask<'a> {
-    name: &'a str,
-    qtype: RecordType,
-    edns: Option<u16>,
-    ecs: Option<(&'a str, u8)>,
-    from: &'a str,
-    op: OpCode,
-}
-
-impl<'a> Ask<'a> {
-    fn new(name: &'a str, qtype: RecordType) -> Self {
-        Self {
-            name,
-            qtype,
-            edns: Some(1232),
-            ecs: None,
-            from: "127.0.0.1",
-            op: OpCode::Query,
-        }
-    }
-    fn ecs(mut self, addr: &'a str, prefix: u8) -> Self {
-        self.ecs = Some((addr, prefix));
-        self
-    }
-    fn bytes(&self) -> Vec<u8> {
-        let mut m = Message::new(4242, MessageType::Query, self.op);
-        m.add_query(Query::query(Name::from_ascii(self.name).expect("name"), self.qtype));
-        if let Some(size) = self.edns {
-            let mut e = Edns::new();
-            e.set_max_payload(size);
-            if let Some((a, p)) = self.ecs {
-                e.options_mut()
-                    .insert(EdnsOption::Subnet(ClientSubnet::new(a.parse().expect("ip"), p, 0)));
-            }
-            m.set_edns(e);
-        }
-        m.to_vec().expect("encode")
-    }
-}
-
-async fn raw(server: SocketAddr, proto: Proto, from: &str, bytes: &[u8]) -> Vec<u8> {
-    let io = async {
-        match proto {
-            Proto::Udp => {
-                let s = UdpSocket::bind(SocketAddr::new(from.parse::<IpAddr>().expect("ip"), 0))
-                    .await
-                    .expect("bind");
-                s.send_to(bytes, server).await.expect("send");
-                let mut buf = vec![0u8; 65535];
-                let n = s.recv(&mut buf).await.expect("recv");
-                buf.truncate(n);
-                buf
-            }
-            Proto::Tcp => {
-                let mut s = TcpStream::connect(server).await.expect("connect");
-                let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
-                framed.extend_from_slice(bytes);
-                s.write_all(&framed).await.expect("write");
-                let mut len = [0u8; 2];
-                s.read_exact(&mut len).await.expect("read length");
-                let mut buf = vec![0u8; u16::from_be_bytes(len) as usize];
-                s.read_exact(&mut buf).await.expect("read");
-                buf
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(3), io)
-        .await
-        .expect("no answer")
-}
-
-async fn ask(f: &Fixture, proto: Proto, q: &Ask<'_>) -> Message {
-    let _ = proto;
-    let addr = f.server.addr;
-    let m = Message::from_vec(&raw(addr, proto, q.from, &q.bytes()).await).expect("decode");
-    assert_eq!(m.metadata.id, 4242);
-    assert_eq!(m.metadata.message_type, MessageType::Response);
-    m
-}
-
-fn addrs(m: &Message) -> Vec<String> {
-    m.answers
-        .iter()
-        .map(|r| match &r.data {
-            RData::A(a) => a.0.to_string(),
-            RData::AAAA(a) => a.0.to_string(),
-            other => format!("{other:?}"),
-        })
-        .collect()
-}
-
-fn scope(m: &Message) -> Option<(u8, u8)> {
-    match m.edns.as_ref()?.option(EdnsCode::Subnet)? {
-        EdnsOption::Subnet(s) => Some((s.source_prefix(), s.scope_prefix())),
-        _ => None,
-    }
-}
-
-async fn fixture() -> Fixture {
-    Fixture::new(&config_text(CIDR_GEO), Path::new("dns.toml")).await
-}
+use support::*;
+use tokio::net::UdpSocket;
 
 #[tokio::test]
 async fn authoritative_semantics_over_udp_and_tcp() {
@@ -336,7 +57,7 @@ async fn authoritative_semantics_over_udp_and_tcp() {
             other => panic!("{other:?}"),
         }
         let m = ask(&f, proto, &Ask::new("example.test.", RecordType::NS)).await;
-        assert_eq!(m.answers.len(), 2);
+        assert_eq!(m.answers.len(), 3);
         // ANY: one RRset (RFC 8482).
         let m = ask(&f, proto, &Ask::new("app.example.test.", RecordType::ANY)).await;
         assert_eq!(addrs(&m), ["127.0.1.1"]);
@@ -380,14 +101,14 @@ async fn malformed_packets_get_formerr_or_nothing_and_never_stop_the_server() {
     let f = fixture().await;
     let good = Ask::new("app.example.test.", RecordType::A).bytes();
     // Header fine, question truncated: FORMERR.
-    let bad = raw(f.server.addr, Proto::Udp, "127.0.0.1", &good[..good.len() - 14]).await;
+    let bad = raw(f.server.udp, Proto::Udp, "127.0.0.1", &good[..good.len() - 14]).await;
     let m = Message::from_vec(&bad).expect("decode");
     assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
     // Garbage of every length, then the server still answers.
     let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
     for len in 0..64usize {
         let junk: Vec<u8> = (0..len).map(|i| (i * 37 + len) as u8).collect();
-        sock.send_to(&junk, f.server.addr).await.expect("send");
+        sock.send_to(&junk, f.server.udp).await.expect("send");
     }
     let m = ask(&f, Proto::Udp, &Ask::new("app.example.test.", RecordType::A)).await;
     assert_eq!(addrs(&m), ["127.0.1.1"]);
@@ -396,8 +117,8 @@ async fn malformed_packets_get_formerr_or_nothing_and_never_stop_the_server() {
     let mut e = Edns::new();
     e.set_version(1);
     msg.set_edns(e);
-    let m = Message::from_vec(&raw(f.server.addr, Proto::Udp, "127.0.0.1", &msg.to_vec().expect("enc")).await)
-        .expect("dec");
+    let m =
+        Message::from_vec(&raw(f.server.udp, Proto::Udp, "127.0.0.1", &msg.to_vec().expect("enc")).await).expect("dec");
     // BADVERS and BADSIG share code 16 on the wire; the decoder names it BADSIG.
     assert_eq!(u16::from(m.metadata.response_code), u16::from(ResponseCode::BADVERS));
 }
@@ -408,9 +129,15 @@ async fn clients_get_their_nearest_healthy_cell_by_ecs_and_by_source_address_wit
     for (net, prefix, want, want_scope) in [
         ("198.51.100.0", 24, "127.0.1.1", 24),
         ("192.0.2.0", 24, "127.0.2.1", 24),
-        ("203.0.113.0", 24, "127.0.3.1", 24), // the table has a /25: never longer than the query's /24
+        // The table has only the lower /25 of this /24: the answer holds
+        // for that /25, and the resolver is told to send more bits.
+        ("203.0.113.0", 24, "127.0.3.1", 25),
         ("203.0.113.0", 25, "127.0.3.1", 25),
-        ("192.0.2.0", 16, "127.0.1.1", 16), // no entry covers 192.0/16: edge location, scope = source
+        // The upper /25 is unknown: the edge's location (eu), for that /25.
+        ("203.0.113.128", 25, "127.0.1.1", 25),
+        // No entry holds 192.0.0.0: edge location, for the largest network
+        // around it that no entry reaches into (192.0.2.0/24 is in the /22).
+        ("192.0.0.0", 16, "127.0.1.1", 23),
     ] {
         let m = ask(
             &f,
@@ -543,4 +270,41 @@ async fn geo_from_a_maxmind_database_with_its_network_as_scope() {
         assert_eq!(scope(&m), Some((prefix, want_scope)), "{net}/{prefix}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// TCP is served by cellgate's own loop: queries on one connection are
+/// answered in order, pipelined or not, and a message that is not a query
+/// (too short, or a response) is skipped without closing the connection.
+#[tokio::test]
+async fn tcp_answers_many_queries_per_connection_in_order() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = fixture().await;
+    let mut s = tokio::net::TcpStream::connect(f.server.tcp).await.expect("connect");
+    let frame = |bytes: &[u8]| {
+        let mut v = (bytes.len() as u16).to_be_bytes().to_vec();
+        v.extend_from_slice(bytes);
+        v
+    };
+    let mut out = Vec::new();
+    out.extend(frame(&[1, 2, 3])); // shorter than a header: no answer
+    for (i, name) in ["app.example.test.", "ns1.example.test.", "nope.example.test."]
+        .iter()
+        .enumerate()
+    {
+        let mut m = Ask::new(name, RecordType::A).message();
+        m.metadata.id = i as u16;
+        out.extend(frame(&m.to_vec().expect("encode")));
+    }
+    s.write_all(&out).await.expect("write");
+    for (i, rcode) in [ResponseCode::NoError, ResponseCode::NoError, ResponseCode::NXDomain]
+        .into_iter()
+        .enumerate()
+    {
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).await.expect("length");
+        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        s.read_exact(&mut buf).await.expect("message");
+        let m = strict(&buf);
+        assert_eq!((m.metadata.id, m.metadata.response_code), (i as u16, rcode));
+    }
 }

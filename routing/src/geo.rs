@@ -45,24 +45,43 @@ impl GeoDatabase {
     /// Location (and country, when present) of `ip`; `None` when the
     /// database has no coordinates for it.
     pub fn lookup(&self, ip: std::net::IpAddr) -> Option<GeoMatch> {
-        let result = self.0.lookup(ip).ok()?;
+        self.lookup_network(ip).0
+    }
+
+    /// [`Self::lookup`], and the prefix length of the database network that
+    /// holds `ip`, whether or not it has data: every address in that
+    /// network gets the same answer. The prefix is in the terms of `ip`'s
+    /// family (an IPv4 address above the database's IPv4 subtree gets 0).
+    pub fn lookup_network(&self, ip: std::net::IpAddr) -> (Option<GeoMatch>, u8) {
+        let Ok(result) = self.0.lookup(ip) else {
+            // An IPv6 address in an IPv4-only database: no data anywhere.
+            return (None, 0);
+        };
+        let prefix_len = match result.network() {
+            Ok(net) if net.is_ipv4() == ip.is_ipv4() => net.prefix(),
+            // Matched above the IPv4 subtree: no IPv4 address has data.
+            Ok(_) => 0,
+            Err(_) => return (None, 0),
+        };
         if !result.has_data() {
-            return None;
+            return (None, prefix_len);
         }
-        let prefix_len = result.network().ok()?.prefix();
-        let city: maxminddb::geoip2::City<'_> = result.decode().ok()??;
-        let location = GeoPoint::new(city.location.latitude?, city.location.longitude?)?;
-        let country = city
-            .country
-            .iso_code
-            .or(city.registered_country.iso_code)
-            .and_then(Country::parse)
-            .unwrap_or(Country::UNKNOWN);
-        Some(GeoMatch {
-            location,
-            country,
-            prefix_len,
-        })
+        let city: Option<maxminddb::geoip2::City<'_>> = result.decode().ok().flatten();
+        let found = city.and_then(|city| {
+            let location = GeoPoint::new(city.location.latitude?, city.location.longitude?)?;
+            let country = city
+                .country
+                .iso_code
+                .or(city.registered_country.iso_code)
+                .and_then(Country::parse)
+                .unwrap_or(Country::UNKNOWN);
+            Some(GeoMatch {
+                location,
+                country,
+                prefix_len,
+            })
+        });
+        (found, prefix_len)
     }
 }
 

@@ -20,7 +20,6 @@ mod steer;
 mod sticky;
 mod table;
 mod time;
-mod zones;
 
 pub use cellgate_config as config;
 pub use geo::{GeoDatabase, GeoMatch};
@@ -32,7 +31,6 @@ pub use table::{
     ServiceRoute,
 };
 pub use time::Timestamp;
-pub use zones::{Zone, Zones};
 
 #[cfg(test)]
 mod tests;

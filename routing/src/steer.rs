@@ -282,9 +282,22 @@ pub fn steer(table: &RoutingTable, q: &RouteQuery<'_>, now: Timestamp) -> Decisi
     if d.is_empty() {
         match svc.all_down {
             AllDownRoute::Open => {
-                for &c in &class.fail_open {
-                    if !d.push(limit, c, Reason::FailOpen) {
-                        break;
+                if svc.policy == Policy::Geo {
+                    // Nearest first within each tier, as the policy would.
+                    let at = q.client.location.map_or(table.edge_unit, geo::unit);
+                    'tiers: for index in &class.fail_open_near {
+                        for c in index.nearest(&at, limit).cells() {
+                            if !d.push(limit, c, Reason::FailOpen) {
+                                break 'tiers;
+                            }
+                        }
+                    }
+                } else {
+                    // Already in policy order (latency: the last measured RTT).
+                    for &c in &class.fail_open {
+                        if !d.push(limit, c, Reason::FailOpen) {
+                            break;
+                        }
                     }
                 }
                 d.outcome = if d.is_empty() {

@@ -12,7 +12,6 @@ use cellgate_config::{AllDown, CellId, Config, Country, HostPattern, Policy, Ser
 use crate::{
     geo::{self, GeoDatabase, NearestIndex, Unit},
     hash::ShardRing,
-    zones::Zones,
     Timestamp,
 };
 
@@ -317,8 +316,12 @@ pub(crate) struct Class {
     /// For `geo`: nearest-cell indexes of the two tiers.
     pub(crate) near: [NearestIndex; 2],
     /// When nothing is eligible: allowed cells that are not hard-drained,
-    /// least bad first (unknown before down, then policy order).
+    /// least bad first (unknown before down before soft-drained, then
+    /// policy order).
     pub(crate) fail_open: Vec<CellIdx>,
+    /// For `geo`: the tiers of `fail_open` as nearest-cell indexes, so
+    /// that failing open still sends each client to its nearest cells.
+    pub(crate) fail_open_near: Vec<NearestIndex>,
 }
 
 /// A service in the table.
@@ -368,8 +371,6 @@ pub struct RoutingTable {
     pub cells: Vec<CellEntry>,
     /// Every endpoint, indexed by [`EndpointIdx`].
     pub endpoints: Arc<Vec<Endpoint>>,
-    /// The config's DNS zones, indexed for answering.
-    pub zones: Arc<Zones>,
     pub services: Vec<ServiceRoute>,
     pub prober_blind: bool,
     pub(crate) cell_index: Arc<HashMap<CellId, CellIdx>>,
@@ -531,15 +532,10 @@ impl RoutingTable {
                 Arc::new(n)
             }
         };
-        let zones = match previous {
-            Some(p) if same_config => p.zones.clone(),
-            _ => Arc::new(Zones::new(&config)),
-        };
         RoutingTable {
             generation,
             geo,
             endpoints,
-            zones,
             networks,
             edge_unit: geo::unit(config.edge.location),
             config,
@@ -635,30 +631,57 @@ impl RoutingTable {
     /// matching prefix), then the geo database. IPv4-mapped IPv6 addresses
     /// match IPv4 entries.
     pub fn locate(&self, ip: std::net::IpAddr) -> Option<Located> {
-        let ip = match ip {
-            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
-            v4 => v4,
-        };
-        if let Some(n) = self.networks.iter().find(|n| n.net.contains(&ip)) {
-            return Some(Located {
+        self.locate_with_scope(ip).0
+    }
+
+    /// [`Self::locate`], and the scope of the answer: the prefix length of
+    /// the largest network around `ip` in which every address is located
+    /// the same way (found or not found), by the CIDR table and the geo
+    /// database together. It can be longer than the entry that matched
+    /// (another entry carves a part out of it) and is never shorter than
+    /// the data allows. The prefix is in `ip`'s family: an IPv4-mapped IPv6
+    /// address gets 96 + the IPv4 prefix.
+    pub fn locate_with_scope(&self, ip: std::net::IpAddr) -> (Option<Located>, u8) {
+        use std::net::IpAddr;
+        if let IpAddr::V6(v6) = ip {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                let (located, scope) = self.locate_with_scope(IpAddr::V4(v4));
+                return (located, 96 + scope);
+            }
+        }
+        // The CIDR table is read by longest match: a block around `ip`
+        // answers the same for all its addresses when no entry that does
+        // not hold `ip` reaches into it.
+        let mut matched = None;
+        let mut scope = 0u8;
+        for n in self.networks.iter() {
+            if n.net.contains(&ip) {
+                if matched.is_none() {
+                    matched = Some(n);
+                    scope = scope.max(n.net.prefix_len());
+                }
+            } else if let Some(common) = common_prefix(ip, n.net.network()) {
+                scope = scope.max(common.min(n.net.prefix_len()) + 1);
+            }
+        }
+        if let Some(n) = matched {
+            let located = Located {
                 location: n.location,
                 country: n.country,
                 prefix_len: n.net.prefix_len(),
-            });
+            };
+            return (Some(located), scope);
         }
-        let m = self.geo.as_ref()?.lookup(ip)?;
-        // An IPv4 address found in the IPv6 tree of the database carries
-        // an IPv6 prefix (96 + n); report it in IPv4 terms.
-        let prefix_len = if ip.is_ipv4() && m.prefix_len > 32 {
-            m.prefix_len - 96
-        } else {
-            m.prefix_len
+        let Some(db) = self.geo.as_ref() else {
+            return (None, scope);
         };
-        Some(Located {
+        let (m, db_scope) = db.lookup_network(ip);
+        let located = m.map(|m| Located {
             location: m.location,
             country: m.country,
-            prefix_len,
-        })
+            prefix_len: m.prefix_len,
+        });
+        (located, scope.max(db_scope))
     }
 
     /// The routing view of a client at `ip`: its address and, when a geo
@@ -677,6 +700,16 @@ impl RoutingTable {
     /// Number of pins in force.
     pub fn pin_count(&self) -> usize {
         self.operator_pins.len() + self.config_pins.len()
+    }
+}
+
+/// How many leading bits `a` and `b` share; `None` across families.
+fn common_prefix(a: std::net::IpAddr, b: std::net::IpAddr) -> Option<u8> {
+    use std::net::IpAddr;
+    match (a, b) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => Some((u32::from(a) ^ u32::from(b)).leading_zeros() as u8),
+        (IpAddr::V6(a), IpAddr::V6(b)) => Some((u128::from(a) ^ u128::from(b)).leading_zeros() as u8),
+        _ => None,
     }
 }
 
@@ -744,11 +777,28 @@ fn build_class(policy: Policy, allowed: &[CellIdx], cells: &[CellEntry]) -> Clas
         .collect();
     sort(&mut fail_open);
     // Stable: unknown (never probed) before down, and undrained before drained.
-    fail_open.sort_by_key(|c| match entry(c).state {
+    let tier = |c: &CellIdx| match entry(c).state {
         CellState::Eligible | CellState::Unknown => 0,
         CellState::Down => 1,
         CellState::Drained(_) => 2,
-    });
+    };
+    fail_open.sort_by_key(tier);
+    let fail_open_near = if policy == Policy::Geo {
+        (0..3)
+            .map(|t| {
+                NearestIndex::new(
+                    fail_open
+                        .iter()
+                        .filter(|c| tier(c) == t)
+                        .map(|c| (entry(c).unit, *c))
+                        .collect(),
+                )
+            })
+            .filter(|index| !index.is_empty())
+            .collect()
+    } else {
+        Vec::new()
+    };
     let spill_from = within.len();
     within.extend(over);
     Class {
@@ -758,5 +808,6 @@ fn build_class(policy: Policy, allowed: &[CellIdx], cells: &[CellEntry]) -> Clas
         cumulative,
         near,
         fail_open,
+        fail_open_near,
     }
 }

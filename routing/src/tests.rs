@@ -540,3 +540,84 @@ fn locate_uses_the_longest_matching_prefix() {
     );
     assert_eq!(t.locate("127.0.0.1".parse().expect("ip")), None);
 }
+
+#[test]
+fn fail_open_ranks_by_distance_for_geo_per_client() {
+    let c = config(4, "geo", "");
+    let mut m = all_up(&c);
+    for cell in &c.cells {
+        set_health(&c, &mut m, cell.id.as_str(), Health::Down);
+    }
+    let t = table(&c, &m, &OperatorState::default());
+    let mut query = q(&t);
+    query.limit = 4;
+    for cell in &c.cells {
+        query.client.location = Some(cell.location);
+        let d = steer(&t, &query, NOW);
+        assert_eq!(d.outcome, Outcome::FailOpen);
+        let mut by_distance: Vec<&cellgate_config::Cell> = c.cells.iter().collect();
+        by_distance.sort_by(|a, b| {
+            geo::distance_km(cell.location, a.location).total_cmp(&geo::distance_km(cell.location, b.location))
+        });
+        let want: Vec<String> = by_distance.iter().map(|c| c.id.to_string()).collect();
+        assert_eq!(ids(&t, &d), want, "a client at {}", cell.id);
+        assert!(d.candidates().iter().all(|c| c.reason == Reason::FailOpen));
+    }
+    // Unknown (never probed) cells still come before down ones, each tier by distance.
+    set_health(&c, &mut m, "c3", Health::Unknown);
+    let t = table(&c, &m, &OperatorState::default());
+    query.client.location = Some(c.cells[0].location);
+    assert_eq!(
+        steer(&t, &query, NOW).primary().map(|p| t.cell(p).id.to_string()),
+        Some("c3".into())
+    );
+}
+
+#[test]
+fn fail_open_ranks_by_measured_rtt_for_latency() {
+    let c = config(3, "latency", "");
+    let mut m = all_up(&c);
+    // The last RTTs measured before every cell went down: c2 fastest.
+    for (id, ms) in [("c0", 80), ("c1", 40), ("c2", 10)] {
+        let cell = m.cell_mut(&c, id).expect("cell");
+        cell.health = Health::Down;
+        cell.srtt = Some(Duration::from_millis(ms));
+    }
+    let t = table(&c, &m, &OperatorState::default());
+    let d = steer(&t, &q(&t), NOW);
+    assert_eq!(d.outcome, Outcome::FailOpen);
+    assert_eq!(ids(&t, &d), ["c2", "c1", "c0"]);
+}
+
+#[test]
+fn the_scope_of_a_location_is_the_network_that_decided_it() {
+    let c = config(
+        2,
+        "geo",
+        "[[geo.networks]]\ncidr = \"198.51.100.0/24\"\ncountry = \"IE\"\nlocation = { lat = 53.0, lon = -6.0 }\n\
+         [[geo.networks]]\ncidr = \"198.51.100.128/25\"\ncountry = \"US\"\nlocation = { lat = 39.0, lon = -77.0 }\n\
+         [[geo.networks]]\ncidr = \"192.0.2.0/24\"\ncountry = \"US\"\nlocation = { lat = 39.0, lon = -77.0 }\n\
+         [[geo.networks]]\ncidr = \"2001:db8::/32\"\ncountry = \"JP\"\nlocation = { lat = 35.0, lon = 139.0 }",
+    );
+    let t = table(&c, &all_up(&c), &OperatorState::default());
+    let scope = |ip: &str| {
+        let (l, s) = t.locate_with_scope(ip.parse().expect("ip"));
+        (l.map(|l| l.country.to_string()), s)
+    };
+    // 198.51.100.0/24 is IE except its upper half: the lower half is /25.
+    assert_eq!(scope("198.51.100.0"), (Some("IE".into()), 25));
+    assert_eq!(scope("198.51.100.200"), (Some("US".into()), 25));
+    assert_eq!(scope("192.0.2.0"), (Some("US".into()), 24));
+    // Unknown: the largest network around the address that no entry touches.
+    assert_eq!(scope("192.0.0.0"), (None, 23));
+    assert_eq!(scope("10.0.0.0"), (None, 1), "0.0.0.0/1 holds no entry");
+    assert_eq!(
+        scope("203.0.113.0"),
+        (None, 5),
+        "0xcb = 0b1100_1011: 192.0.0.0/4 holds entries, 200.0.0.0/5 none"
+    );
+    // IPv4-mapped IPv6 addresses: the IPv4 answer, in IPv6 terms.
+    assert_eq!(scope("::ffff:198.51.100.0"), (Some("IE".into()), 96 + 25));
+    assert_eq!(scope("2001:db8:1::"), (Some("JP".into()), 32));
+    assert_eq!(scope("2001:db9::"), (None, 32));
+}

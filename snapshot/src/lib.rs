@@ -242,14 +242,19 @@ impl Snapshots {
     /// Snapshots of `table` alone, with no publisher behind them and no
     /// metrics (tests and tools that build tables themselves).
     pub fn standalone(table: RoutingTable, clock: Clock) -> Self {
+        Self::standalone_with(table, clock, Metrics::off())
+    }
+
+    /// [`Snapshots::standalone`], counting in `metrics`.
+    pub fn standalone_with(table: RoutingTable, clock: Clock, metrics: Metrics) -> Self {
         let layout = Arc::new(Layout::new(
             1,
             table.config.clone(),
-            &Metrics::off(),
+            &metrics,
             PassiveSink::none(),
             None,
         ));
-        let edge = Arc::new(EdgeMetrics::new(Metrics::off()));
+        let edge = Arc::new(EdgeMetrics::new(metrics));
         Self::new(
             Snapshot {
                 table: Arc::new(table),

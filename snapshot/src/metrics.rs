@@ -9,7 +9,8 @@
 
 use std::sync::{Arc, OnceLock};
 
-use metrics::{Counter, Gauge, Histogram, Key, Label, Recorder};
+pub use metrics::{Counter, Gauge, Histogram};
+use metrics::{Key, Label, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 /// An edge's metrics registry.
@@ -235,6 +236,9 @@ pub struct EdgeMetrics {
     pub table_generation: Gauge,
     pub table_swaps: Counter,
     pub prober_blind: Gauge,
+    /// `cellgate_dns_rrl_total{action="drop"}` and `{action="slip"}`.
+    pub dns_rrl_dropped: Counter,
+    pub dns_rrl_slipped: Counter,
     /// `cellgate_requests_unrouted_total{status}`, by status code (0–599).
     unrouted: Box<[LazyCounter]>,
     dns_queries: Box<[LazyCounter]>,
@@ -247,6 +251,8 @@ impl EdgeMetrics {
             table_generation: metrics.gauge("cellgate_table_generation", &[]),
             table_swaps: metrics.counter("cellgate_table_swaps_total", &[]),
             prober_blind: metrics.gauge("cellgate_prober_blind", &[]),
+            dns_rrl_dropped: metrics.counter("cellgate_dns_rrl_total", &[("action", "drop")]),
+            dns_rrl_slipped: metrics.counter("cellgate_dns_rrl_total", &[("action", "slip")]),
             unrouted: (0..600).map(|_| LazyCounter::default()).collect(),
             dns_queries: (0..DNS_QTYPES.len() * DNS_RCODES.len())
                 .map(|_| LazyCounter::default())

@@ -267,7 +267,10 @@ impl Topology {
     pub fn zone(mut self, origin: &str) -> Self {
         self.raw.dns.zones.push(RawZone {
             origin: origin.into(),
-            ns: vec![format!("ns1.{origin}")],
+            ns: vec![cellgate_config::raw::RawNs::Server(cellgate_config::raw::RawNsServer {
+                name: format!("ns1.{origin}"),
+                addresses: vec!["127.0.0.1".into()],
+            })],
             soa: RawSoa {
                 mname: None,
                 rname: format!("hostmaster.{origin}"),
