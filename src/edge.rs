@@ -7,7 +7,7 @@ use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Durat
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use cellgate_admin::{Admin, OperatorCell, Prepared, Resources};
+use cellgate_admin::{Admin, FleetLink, Intent, Prepared, Resources};
 use cellgate_config::{Config, Problem, SecretSource};
 use cellgate_health::{Health, Inputs, NetworkProbe, Probe};
 use cellgate_proxy::{listen::HttpListener, tls::CertStore, Binding, HttpApp, L4Proxy};
@@ -106,6 +106,7 @@ pub struct BoundEdge {
     l4_proxy: Arc<L4Proxy>,
     dns: Option<cellgate_dns::DnsListener>,
     admin_listener: Option<TcpListener>,
+    fleet: Option<cellgate_fleet::FleetSync>,
     control: Option<Handle>,
     log_dropped: Option<Arc<dyn Fn() -> u64 + Send + Sync>>,
 }
@@ -248,6 +249,19 @@ impl Edge {
         if !operator.drains.is_empty() {
             tracing::info!(drains = ?operator.drains.keys().collect::<Vec<_>>(), "operator state restored from {}", store.describe());
         }
+        // With a fleet, operator intent comes from etcd (or the last copy
+        // of it this edge kept), local-scope changes on top.
+        let fleet = match &config.fleet {
+            Some(f) => {
+                let _guard = opts.control.as_ref().map(Handle::enter);
+                Some(start_fleet(f, &config.edge.name, opts.ignore_state).await?)
+            }
+            None => None,
+        };
+        let effective = match &fleet {
+            Some(sync) => cellgate_admin::compose(&sync.view().borrow().intent.operator_state(), &operator),
+            None => operator.clone(),
+        };
         let audit = match &config.admin.audit_log {
             Some(p) => Some(std::sync::Mutex::new(
                 std::fs::OpenOptions::new()
@@ -313,7 +327,7 @@ impl Edge {
                 Inputs {
                     config: config.clone(),
                     geo,
-                    operator: operator.clone(),
+                    operator: effective,
                 },
                 opts.probe,
                 opts.clock.clone(),
@@ -334,8 +348,15 @@ impl Edge {
             snapshots: snapshots.clone(),
             config_path: opts.config_path,
             config: ArcSwap::new(config.clone()),
-            operator: OperatorCell::new(operator),
-            store,
+            intent: Arc::new(Intent::new(
+                operator,
+                store,
+                fleet
+                    .as_ref()
+                    .zip(config.fleet.as_ref())
+                    .map(|(sync, f)| FleetLink::new(sync.writer(), sync.view(), f.partial_outage, f.lease_ttl * 2)),
+            )),
+            edge: config.edge.name.clone(),
             tokens: ArcSwap::from_pointee(tokens),
             audit,
             metrics: metrics.clone(),
@@ -373,6 +394,7 @@ impl Edge {
             l4_proxy,
             dns,
             admin_listener,
+            fleet,
             control: opts.control,
             log_dropped: opts.log_dropped,
         })
@@ -467,6 +489,18 @@ impl BoundEdge {
                 }
             }));
         }
+        if let Some(sync) = &self.fleet {
+            let intent = self.admin.intent.clone();
+            let health = self.health.clone();
+            spawn_control(Box::pin(intent.follow_fleet(health, stop_rx.clone())));
+            spawn_control(Box::pin(report_loop(
+                self.config.clone(),
+                self.health.clone(),
+                sync.view(),
+                sync.report_sender(),
+                stop_rx.clone(),
+            )));
+        }
         let t = self.health.table();
         tracing::info!(
             edge = %self.config.edge.name,
@@ -498,10 +532,101 @@ impl BoundEdge {
         if let Some(dns) = dns {
             dns.shutdown().await;
         }
+        if let Some(sync) = self.fleet {
+            // Revokes the lease: this edge's report leaves the fleet view.
+            let _ = tokio::time::timeout(Duration::from_secs(2), sync.shutdown()).await;
+        }
         for s in serving {
             let _ = tokio::time::timeout(Duration::from_secs(1), s).await;
         }
         tracing::info!("edge node stopped");
         Ok(())
+    }
+}
+
+/// Connects to the fleet (never waiting long for etcd: an edge starts with
+/// the last intent it kept when etcd is down).
+async fn start_fleet(
+    f: &cellgate_config::Fleet,
+    edge: &str,
+    ignore_state: bool,
+) -> anyhow::Result<cellgate_fleet::FleetSync> {
+    let store = cellgate_fleet::FleetStore::new(f, edge).context("fleet")?;
+    let cache = f.cache_file.clone().map(cellgate_fleet::IntentCache::new);
+    let cached = match cache.as_ref().map(|c| c.load()).transpose() {
+        Ok(c) => c.flatten(),
+        Err(e) if ignore_state => {
+            tracing::warn!(error = %e, "--ignore-state: starting without the cached fleet intent");
+            None
+        }
+        Err(e) => return Err(anyhow::Error::from(e).context("fleet cache (start with --ignore-state to drop it)")),
+    };
+    if let Some(c) = &cached {
+        tracing::info!(
+            revision = c.intent.revision,
+            "fleet intent restored from the local cache"
+        );
+    }
+    let sync = cellgate_fleet::FleetSync::start(store, cached, cache);
+    // A fresh edge waits a moment for the fleet's drains before it serves.
+    let mut view = sync.view();
+    let wait = f.connect_timeout + f.request_timeout;
+    if tokio::time::timeout(wait, view.wait_for(|v| v.link.is_live()))
+        .await
+        .is_err()
+    {
+        let reason = match &view.borrow().link {
+            cellgate_fleet::Link::Stale { reason, .. } => reason.clone(),
+            cellgate_fleet::Link::Live { .. } => String::new(),
+        };
+        tracing::warn!(%reason, "etcd not reachable at start: serving the last known fleet state");
+    }
+    Ok(sync)
+}
+
+/// Publishes this edge's view of every cell to the fleet every
+/// `report_interval`, until `stop`.
+async fn report_loop(
+    config: Arc<Config>,
+    health: Arc<Health>,
+    view: watch::Receiver<cellgate_fleet::FleetView>,
+    reports: watch::Sender<Option<cellgate_fleet::EdgeReport>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Some(f) = &config.fleet else { return };
+    let mut tick = tokio::time::interval(f.report_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = cellgate_proxy::listen::stopped(&mut stop) => return,
+        }
+        let s = health.snapshot();
+        let now_s = health.snapshots().clock().now_secs();
+        let cells = s
+            .table
+            .cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let idx = cellgate_routing::CellIdx(i as u32);
+                let mut r = cellgate_fleet::CellReport::from_measurement(c.id.clone(), &c.measurement);
+                r.in_flight = u64::from(s.inflight(idx));
+                if let Some(t) = s.traffic().cell(idx) {
+                    r.requests_per_s = t.requests_per_sec(now_s);
+                    r.sticky_sessions = t.sticky.sum(now_s);
+                    r.dns_answers = t.dns_answers.sum(now_s);
+                }
+                r
+            })
+            .collect();
+        let intent_revision = view.borrow().intent.revision;
+        reports.send_replace(Some(cellgate_fleet::EdgeReport {
+            edge: config.edge.name.clone(),
+            at: cellgate_fleet::now(),
+            table_generation: s.generation(),
+            intent_revision,
+            cells,
+        }));
     }
 }

@@ -36,6 +36,20 @@ pub fn check(path: &Path) -> Result<CheckReport, config::Error> {
     if let Err(p) = cellgate_proxy::tls::load_certs(&c) {
         problems.extend(p);
     }
+    if let Some(f) = &c.fleet {
+        // Reads the etcd password and client TLS files, as `run` would.
+        if let Err(e) = cellgate_fleet::FleetStore::new(f, &c.edge.name) {
+            problems.push(config::Problem::new("fleet", e.to_string()));
+        }
+        if let Some(dir) = f.cache_file.as_ref().and_then(|p| p.parent()) {
+            if !dir.as_os_str().is_empty() && !dir.is_dir() {
+                problems.push(config::Problem::new(
+                    "fleet.cache_file",
+                    format!("directory `{}` does not exist", dir.display()),
+                ));
+            }
+        }
+    }
     let mut secret_file = |key: String, source: &config::SecretSource| {
         if let config::SecretSource::File(p) = source {
             if let Err(e) = std::fs::read_to_string(p) {

@@ -16,6 +16,7 @@
 
 mod api;
 pub mod contract;
+mod intent;
 mod store;
 
 use std::{
@@ -35,6 +36,7 @@ use sha2::{Digest, Sha256};
 
 pub use api::router;
 use contract::{AuditCall, AuditEntry, ReloadResult};
+pub use intent::{apply_change, compose, FleetLink, Intent};
 pub use store::{decode as decode_state, encode as encode_state, FileStore, MemoryStore, OperatorStore, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -161,7 +163,7 @@ impl OperatorCell {
     pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
         self.writer.lock().await
     }
-    fn set(&self, state: OperatorState) {
+    pub(crate) fn set(&self, state: OperatorState) {
         self.current.store(Arc::new(state));
     }
 }
@@ -174,8 +176,10 @@ pub struct Admin {
     /// in (the demo).
     pub config_path: Option<PathBuf>,
     pub config: ArcSwap<Config>,
-    pub operator: OperatorCell,
-    pub store: Box<dyn OperatorStore>,
+    /// Drains, weights and pins: local, or the fleet's in etcd.
+    pub intent: Arc<Intent>,
+    /// This edge's name (in audit records).
+    pub edge: String,
     pub tokens: ArcSwap<Vec<Token>>,
     pub audit: Option<Mutex<std::fs::File>>,
     pub metrics: Metrics,
@@ -186,7 +190,8 @@ pub struct Admin {
 impl std::fmt::Debug for Admin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Admin")
-            .field("store", &self.store)
+            .field("edge", &self.edge)
+            .field("intent", &self.intent)
             .finish_non_exhaustive()
     }
 }
@@ -199,6 +204,16 @@ impl Admin {
 
     /// Appends one mutation to the audit log and logs it.
     pub fn audit(&self, who: &str, call: AuditCall, result: &str) {
+        let scope = if self.intent.fleet.is_some() {
+            contract::Scope::Fleet
+        } else {
+            contract::Scope::Local
+        };
+        self.audit_scoped(who, call, scope, result)
+    }
+
+    /// [`Admin::audit`] of a change in `scope`.
+    pub fn audit_scoped(&self, who: &str, call: AuditCall, scope: contract::Scope, result: &str) {
         let now = self.now();
         let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(now.as_unix_millis());
         let entry = AuditEntry {
@@ -206,6 +221,7 @@ impl Admin {
             time: humantime::format_rfc3339_seconds(time).to_string(),
             token: who.to_owned(),
             call,
+            scope,
             result: result.to_owned(),
         };
         let line = serde_json::to_string(&entry).unwrap_or_default();
@@ -216,6 +232,22 @@ impl Admin {
                 tracing::error!(error = %e, "cannot append to the audit log");
             }
         }
+    }
+
+    /// The newest `limit` lines of the audit log, newest first.
+    pub fn audit_tail(&self, limit: usize) -> Vec<AuditEntry> {
+        let Some(path) = self.config.load().admin.audit_log.clone() else {
+            return Vec::new();
+        };
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let mut lines: Vec<AuditEntry> = text
+            .lines()
+            .rev()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .take(limit)
+            .collect();
+        lines.truncate(limit);
+        lines
     }
 
     /// Re-reads and validates the config file and what it names. On

@@ -1,7 +1,5 @@
 //! The fleet against a real etcd started by each test on loopback ports.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use cellgate_config::{CellId, ServiceName};
@@ -10,7 +8,7 @@ use cellgate_fleet::{
     IntentCache, IntentKey, IntentRecord, Link, Resync,
 };
 use cellgate_routing::{CellMeasurement, DrainMode, Health, Timestamp};
-use support::{fleet, Etcd, Relay};
+use cellgate_testkit::etcd::{fleet, Etcd, Relay};
 use tokio::sync::{broadcast, watch};
 
 const WAIT: Duration = Duration::from_secs(15);

@@ -3,9 +3,9 @@
 //! changes. Probers, passive health and the admin API talk to it through
 //! channels; readers take the snapshot with one atomic load.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
-use cellgate_config::Config;
+use cellgate_config::{CellId, Config};
 use cellgate_routing::{CellState, GeoDatabase, Health as CellHealth, OperatorState, RoutingTable};
 use cellgate_snapshot::{Clock, EdgeMetrics, Ejection, Layout, Metrics, PassiveSink, Snapshot, Snapshots};
 use rand::{Rng, SeedableRng};
@@ -35,6 +35,9 @@ pub(crate) enum Event {
     /// Published at once; the sender, if any, hears the generation.
     Operator(OperatorState, Option<oneshot::Sender<u64>>),
     Reload(Arc<Config>, Option<GeoDatabase>, Option<oneshot::Sender<u64>>),
+    /// Cells the fleet treats as down everywhere (a partial outage seen by
+    /// a majority of edges), whatever this edge's probes say.
+    FleetDown(BTreeSet<CellId>),
 }
 
 /// A running health subsystem: probers plus the publisher.
@@ -115,6 +118,7 @@ impl Health {
             clock: clock.clone(),
             last_publish: clock.elapsed(),
             prober_blind: false,
+            fleet_down: BTreeSet::new(),
         };
         p.start_probers();
         let task = tokio::spawn(p.run(rx, eject_rx));
@@ -178,6 +182,13 @@ impl Health {
         rx.await.ok()
     }
 
+    /// Marks `cells` down in every table from now on (an empty set clears
+    /// it): the fleet's verdict on a partial outage, applied on top of this
+    /// edge's own probes.
+    pub fn set_fleet_down(&self, cells: BTreeSet<CellId>) {
+        let _ = self.tx.send(Event::FleetDown(cells));
+    }
+
     /// Switches to a new, already validated config (and its geo database),
     /// returning once the new table is published. Cells whose endpoints and
     /// checks are unchanged keep their health history.
@@ -210,6 +221,7 @@ struct Publisher {
     clock: Clock,
     last_publish: Duration,
     prober_blind: bool,
+    fleet_down: BTreeSet<CellId>,
 }
 
 impl Drop for Publisher {
@@ -323,6 +335,16 @@ impl Publisher {
                 acks.extend(ack);
                 Change::Now
             }
+            Event::FleetDown(cells) => {
+                if cells == self.fleet_down {
+                    return Change::None;
+                }
+                if !cells.is_empty() {
+                    tracing::warn!(cells = ?cells, "the fleet sees these cells down from most edges: treated as down here too");
+                }
+                self.fleet_down = cells;
+                Change::Now
+            }
         }
     }
 
@@ -386,7 +408,12 @@ impl Publisher {
 
     fn publish(&mut self) -> u64 {
         let now = self.clock.elapsed();
-        let m = self.tracker.publish(now);
+        let mut m = self.tracker.publish(now);
+        for id in &self.fleet_down {
+            if let Some(c) = m.cell_mut(&self.layout.config, id.as_str()) {
+                c.fleet_down = true;
+            }
+        }
         if m.prober_blind != self.prober_blind {
             if m.prober_blind {
                 tracing::error!(

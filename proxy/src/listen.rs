@@ -91,7 +91,7 @@ impl HttpListener {
 }
 
 /// Resolves once the shutdown watch turns true (or its sender is gone).
-pub(crate) async fn stopped(rx: &mut ShutdownWatch) {
+pub async fn stopped(rx: &mut ShutdownWatch) {
     let _ = rx.wait_for(|s| *s).await;
 }
 

@@ -17,6 +17,7 @@ mod admin;
 pub mod browser;
 mod dns;
 mod edge;
+pub mod etcd;
 mod topology;
 
 use std::time::Duration;
