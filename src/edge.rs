@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use cellgate_admin::{Admin, FleetLink, Intent, Prepared, Resources};
 use cellgate_config::{Config, Problem, SecretSource};
+use cellgate_handoff::{SocketName, SocketSet};
 use cellgate_health::{Health, Inputs, NetworkProbe, Probe};
 use cellgate_proxy::{listen::HttpListener, tls::CertStore, Binding, HttpApp, L4Proxy};
 use cellgate_routing::{OperatorState, StickyKey};
@@ -49,6 +50,10 @@ pub struct EdgeOptions {
     /// Log lines dropped so far by a writer that fell behind (exported as
     /// `cellgate_log_dropped_lines_total`).
     pub log_dropped: Option<Arc<dyn Fn() -> u64 + Send + Sync>>,
+    /// Listening sockets taken over from a running process (`run
+    /// --upgrade`): used instead of binding wherever the config still names
+    /// them; the rest are closed.
+    pub inherited: Option<SocketSet>,
 }
 
 impl Default for EdgeOptions {
@@ -62,6 +67,7 @@ impl Default for EdgeOptions {
             control: None,
             first_round: None,
             log_dropped: None,
+            inherited: None,
         }
     }
 }
@@ -107,6 +113,8 @@ pub struct BoundEdge {
     dns: Option<cellgate_dns::DnsListener>,
     admin_listener: Option<TcpListener>,
     fleet: Option<cellgate_fleet::FleetSync>,
+    /// Duplicates of every listening socket, for the next upgrade.
+    sockets: SocketSet,
     control: Option<Handle>,
     log_dropped: Option<Arc<dyn Fn() -> u64 + Send + Sync>>,
 }
@@ -187,10 +195,28 @@ impl Resources for EdgeResources {
     }
 }
 
-async fn bind_tcp(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("{what}: cannot bind {addr}"))
+/// A TCP listener at `addr`: the inherited one called `name` if there is
+/// one bound there, else a new one; remembered in `mine` for the next
+/// upgrade.
+async fn listen(
+    addr: SocketAddr,
+    name: SocketName,
+    what: &str,
+    inherited: &mut SocketSet,
+    mine: &mut SocketSet,
+) -> anyhow::Result<TcpListener> {
+    let l = match inherited.tcp_listener(&name, addr)? {
+        Some(l) => {
+            l.set_nonblocking(true)?;
+            tracing::info!(%addr, socket = name.as_str(), "listening on the socket inherited from the previous process");
+            TcpListener::from_std(l)?
+        }
+        None => TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("{what}: cannot bind {addr}"))?,
+    };
+    mine.insert(name, &l)?;
+    Ok(l)
 }
 
 impl Edge {
@@ -273,17 +299,27 @@ impl Edge {
             None => None,
         };
 
-        // Bind every listener before anything starts serving.
+        // Bind every listener before anything starts serving (or take it
+        // over from the process this one replaces).
+        let mut inherited = opts.inherited.unwrap_or_default();
+        let mut sockets = SocketSet::new();
         let mut addrs = BoundAddrs::default();
         let mut http = Vec::new();
         if let Some(a) = config.listeners.http {
-            let l = bind_tcp(a, "listeners.http").await?;
+            let l = listen(a, SocketName::HTTP, "listeners.http", &mut inherited, &mut sockets).await?;
             addrs.http = Some(l.local_addr()?);
             http.push(("http", l, None));
         }
         let cert_store = certs.map(CertStore::new);
         if let (Some(tls), Some(store)) = (&config.listeners.https, &cert_store) {
-            let l = bind_tcp(tls.addr, "listeners.https").await?;
+            let l = listen(
+                tls.addr,
+                SocketName::HTTPS,
+                "listeners.https",
+                &mut inherited,
+                &mut sockets,
+            )
+            .await?;
             addrs.https = Some(l.local_addr()?);
             let server_config = store.server_config().map_err(|e| cellgate_proxy::Error::Tls {
                 addr: tls.addr,
@@ -293,18 +329,42 @@ impl Edge {
         }
         let mut l4 = Vec::new();
         for t in &config.listeners.tcp {
-            let l = bind_tcp(t.addr, "listeners.tcp").await?;
+            let l = listen(
+                t.addr,
+                SocketName::tcp(t.addr),
+                "listeners.tcp",
+                &mut inherited,
+                &mut sockets,
+            )
+            .await?;
             addrs.tcp.push(l.local_addr()?);
             l4.push((l, Binding::Service(t.service.clone())));
         }
         for a in &config.listeners.tls_passthrough {
-            let l = bind_tcp(*a, "listeners.tls_passthrough").await?;
+            let l = listen(
+                *a,
+                SocketName::tls_passthrough(*a),
+                "listeners.tls_passthrough",
+                &mut inherited,
+                &mut sockets,
+            )
+            .await?;
             addrs.tls_passthrough.push(l.local_addr()?);
             l4.push((l, Binding::Sni));
         }
         let dns = match config.listeners.dns {
             Some(a) => {
-                let d = cellgate_dns::DnsListener::bind(a).await?;
+                let udp = inherited.udp_socket(&SocketName::DNS_UDP, a)?;
+                let tcp = inherited.tcp_listener(&SocketName::DNS_TCP, a)?;
+                let d = match (udp, tcp) {
+                    (Some(udp), Some(tcp)) => {
+                        tracing::info!(addr = %a, "dns: serving on the sockets inherited from the previous process");
+                        cellgate_dns::DnsListener::from_std(udp, tcp)?
+                    }
+                    _ => cellgate_dns::DnsListener::bind(a).await?,
+                };
+                sockets.insert(SocketName::DNS_UDP, &d.udp)?;
+                sockets.insert(SocketName::DNS_TCP, &d.tcp)?;
                 addrs.dns = d.local_addr();
                 Some(d)
             }
@@ -312,12 +372,15 @@ impl Edge {
         };
         let admin_listener = match config.listeners.admin {
             Some(a) => {
-                let l = bind_tcp(a, "listeners.admin").await?;
+                let l = listen(a, SocketName::ADMIN, "listeners.admin", &mut inherited, &mut sockets).await?;
                 addrs.admin = Some(l.local_addr()?);
                 Some(l)
             }
             None => None,
         };
+        for (name, addr) in inherited.close_unclaimed() {
+            tracing::info!(socket = name.as_str(), %addr, "closed an inherited socket the config no longer names");
+        }
 
         // The control plane: prober and publisher.
         let metrics = Metrics::prometheus();
@@ -395,6 +458,7 @@ impl Edge {
             dns,
             admin_listener,
             fleet,
+            sockets,
             control: opts.control,
             log_dropped: opts.log_dropped,
         })
@@ -422,6 +486,18 @@ impl BoundEdge {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Every listening socket, to hand over to the process that replaces
+    /// this one (`run --upgrade`).
+    pub fn sockets(&self) -> &SocketSet {
+        &self.sockets
+    }
+
+    /// Takes the set of listening sockets out (for a shutdown future that
+    /// outlives a borrow of the edge).
+    pub fn take_sockets(&mut self) -> SocketSet {
+        std::mem::take(&mut self.sockets)
     }
 
     /// Serves until `shutdown` says how to stop, then stops: accepting

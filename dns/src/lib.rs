@@ -78,6 +78,17 @@ impl DnsListener {
         }
     }
 
+    /// Sockets bound elsewhere (inherited from the process this one
+    /// replaces), made non-blocking for tokio.
+    pub fn from_std(udp: std::net::UdpSocket, tcp: std::net::TcpListener) -> std::io::Result<Self> {
+        udp.set_nonblocking(true)?;
+        tcp.set_nonblocking(true)?;
+        Ok(Self {
+            udp: tokio::net::UdpSocket::from_std(udp)?,
+            tcp: tokio::net::TcpListener::from_std(tcp)?,
+        })
+    }
+
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.udp.local_addr().ok()
     }
