@@ -384,6 +384,7 @@ impl Edge {
 
         // The control plane: prober and publisher.
         let metrics = Metrics::prometheus();
+        cellgate_admin::register_metrics(&metrics);
         let health = {
             let _guard = opts.control.as_ref().map(Handle::enter);
             Arc::new(Health::start(
@@ -427,6 +428,7 @@ impl Edge {
             resources: Arc::new(EdgeResources {
                 certs: cert_store.clone(),
             }),
+            history: Arc::new(cellgate_admin::History::default()),
         });
         let mut listeners = Vec::new();
         let mut apps = Vec::new();
@@ -543,6 +545,17 @@ impl BoundEdge {
                 self.admin.clone(),
                 stopped,
             ))));
+        }
+        {
+            // The last minutes of every cell, for the status page, sampled
+            // from the published snapshots on the edge clock.
+            let mut rx = stop_rx.clone();
+            let stopped = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            spawn_control(Box::pin(
+                self.admin.history.clone().run(self.health.snapshots(), stopped),
+            ));
         }
         {
             // Prometheus histograms need draining now and then; the count of

@@ -1,14 +1,17 @@
 //! The admin HTTP API (axum). Request and response bodies are the types of
 //! [`crate::contract`].
 
-use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, convert::Infallible, net::IpAddr, sync::Arc, time::Duration};
 
 use axum::{
-    extract::{Path, Query, State},
+    extract::{rejection::QueryRejection, Path, Query, State},
     http::{header, HeaderMap, StatusCode},
-    response::{Html, IntoResponse, Response},
+    response::{
+        sse::{Event, KeepAlive, Sse},
+        Html, IntoResponse, Response,
+    },
     routing::{get, post, put},
-    Json, Router,
+    Extension, Json, Router,
 };
 use cellgate_config::{CellId, Config, Policy, ServiceName};
 use cellgate_fleet::{Change, Expect, IntentKey, IntentRecord};
@@ -17,8 +20,10 @@ use cellgate_routing::{
     Outcome, RouteQuery, RoutingTable, ServiceIdx, Timestamp,
 };
 use cellgate_snapshot::Snapshot;
+use futures_util::Stream;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tokio::sync::watch;
 
 use crate::{contract::*, Admin};
 
@@ -57,6 +62,8 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/cells", get(cells))
         .route("/api/v1/services", get(services))
+        .route("/api/v1/history", get(history))
+        .route("/api/v1/events", get(events))
         .route("/api/v1/cells/{id}/drain", post(drain))
         .route("/api/v1/cells/{id}/undrain", post(undrain))
         .route("/api/v1/cells/{id}/weight", put(weight))
@@ -117,7 +124,7 @@ fn cell_idx(table: &RoutingTable, id: &str) -> Result<CellIdx, ApiError> {
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("cell `{id}` is not defined")))
 }
 
-fn state_view(s: CellState) -> CellStateView {
+pub(crate) fn state_view(s: CellState) -> CellStateView {
     match s {
         CellState::Eligible => CellStateView::Eligible,
         CellState::Unknown => CellStateView::Unknown,
@@ -262,6 +269,85 @@ async fn services(State(a): Shared) -> Json<ServicesView> {
         generation: s.generation(),
         services,
     })
+}
+
+async fn history(State(a): Shared, q: Result<Query<HistoryQuery>, QueryRejection>) -> ApiResult<HistoryView> {
+    let Query(q) = q.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "invalid query: {}; expected `since_ms=<Unix milliseconds>` or nothing",
+                e.body_text()
+            ),
+        )
+    })?;
+    let edge = a.config.load().edge.name.clone();
+    Ok(Json(a.history.view(q.since_ms, &edge)))
+}
+
+/// Turns true when the admin server stops, so that event streams end and
+/// let the graceful shutdown finish.
+#[derive(Clone, Debug)]
+pub(crate) struct Stopping(pub(crate) watch::Receiver<bool>);
+
+/// What an event stream watches.
+struct Feed {
+    generations: watch::Receiver<u64>,
+    samples: watch::Receiver<u64>,
+    stopping: Option<watch::Receiver<bool>>,
+    started: bool,
+}
+
+/// `GET /api/v1/events`: server-sent events. `table` (data: the table
+/// generation) when a table is published, first with the current one on
+/// connect; `sample` (data: samples taken) when the history has a new
+/// sample. Several changes between two reads make one event (the latest).
+/// Nothing is queued per client.
+async fn events(
+    State(a): Shared,
+    stopping: Option<Extension<Stopping>>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let feed = Feed {
+        generations: a.snapshots.subscribe(),
+        samples: a.history.subscribe(),
+        stopping: stopping.map(|Extension(s)| s.0),
+        started: false,
+    };
+    let stream = futures_util::stream::unfold(feed, |feed| async move {
+        let Feed {
+            mut generations,
+            mut samples,
+            mut stopping,
+            started,
+        } = feed;
+        let event = if !started {
+            samples.borrow_and_update();
+            Some(("table", *generations.borrow_and_update()))
+        } else {
+            let stop = async {
+                match &mut stopping {
+                    Some(s) => {
+                        let _ = s.wait_for(|s| *s).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = generations.changed() => r.ok().map(|()| ("table", *generations.borrow_and_update())),
+                r = samples.changed() => r.ok().map(|()| ("sample", *samples.borrow_and_update())),
+                () = stop => None,
+            }
+        };
+        let (name, n) = event?;
+        let feed = Feed {
+            generations,
+            samples,
+            stopping,
+            started: true,
+        };
+        Some((Ok(Event::default().event(name).data(n.to_string())), feed))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
 /// Where a cell's traffic would go if `after` were the operator state.

@@ -547,3 +547,49 @@ pub struct FleetAuditLine {
     pub edge: String,
     pub change: cellgate_fleet::Change,
 }
+
+/// `GET /api/v1/history` query.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryQuery {
+    /// Only the samples taken after this time (Unix milliseconds), to
+    /// follow the history without fetching all of it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_ms: Option<u64>,
+}
+
+/// `GET /api/v1/history`: the last `window_ms` of every cell, sampled
+/// every `period_ms` on the edge's clock, oldest first. Every series of a
+/// cell has one entry per entry of `times_ms`; `null` where the cell did
+/// not exist yet (a reload added it) or, for RTT and load, where nothing
+/// was measured.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HistoryView {
+    /// The edge's name (`edge.name`).
+    pub edge: String,
+    pub period_ms: u64,
+    pub window_ms: u64,
+    /// When each sample was taken (Unix milliseconds, edge clock).
+    pub times_ms: Vec<u64>,
+    /// The cells of the current config, in config order.
+    pub cells: Vec<CellHistoryView>,
+}
+
+/// One cell's series in a [`HistoryView`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CellHistoryView {
+    pub id: String,
+    /// Proxied requests and L4 connections per second (10 s average).
+    pub requests_per_s: Vec<Option<f64>>,
+    pub rtt_p99_ms: Vec<Option<f64>>,
+    /// Utilisation 0..=1 reported by the cell.
+    pub load: Vec<Option<f64>>,
+    /// Requests and connections open to the cell's endpoints.
+    pub in_flight: Vec<Option<u32>>,
+    /// Requests that carried a sticky cookie naming the cell, last 10 min.
+    pub sticky_requests_10m: Vec<Option<u32>>,
+    /// DNS answers naming the cell per second (10 s average).
+    pub dns_answers_per_s: Vec<Option<f64>>,
+    pub state: Vec<Option<CellStateView>>,
+    pub over_limit: Vec<Option<bool>>,
+}

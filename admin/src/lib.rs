@@ -1,9 +1,11 @@
 //! cellgate admin: what SREs touch.
 //!
 //! An axum HTTP server on the admin listener: `/api/v1/` (JSON) to see
-//! cells and their live traffic, drain (with a dry run and a blast-radius
-//! guard) and undrain, weigh, pin shard keys, explain a decision and reload
-//! the config; `/metrics` (Prometheus); `/` (a self-refreshing status page).
+//! cells and their live traffic and their last 15 minutes ([`History`]),
+//! follow changes as server-sent events, drain (with a dry run and a
+//! blast-radius guard) and undrain, weigh, pin shard keys, explain a
+//! decision and reload the config; `/metrics` (Prometheus); `/` (a live
+//! status page with charts, drawn by its own script).
 //! Every body is a type of [`contract`]. Mutations need
 //! `Authorization: Bearer <token>` (compared in constant time), are
 //! persisted through an [`OperatorStore`] and appended to the audit log.
@@ -16,6 +18,7 @@
 
 mod api;
 pub mod contract;
+pub mod history;
 mod intent;
 mod store;
 
@@ -36,6 +39,7 @@ use sha2::{Digest, Sha256};
 
 pub use api::router;
 use contract::{AuditCall, AuditEntry, ReloadResult};
+pub use history::History;
 pub use intent::{apply_change, compose, FleetLink, Intent};
 pub use store::{decode as decode_state, encode as encode_state, FileStore, MemoryStore, OperatorStore, StoreError};
 
@@ -117,6 +121,18 @@ pub fn check(config: &Config) -> Vec<Problem> {
     problems
 }
 
+/// Registers (at 0) the admin's counters, so a dashboard's `increase()`
+/// counts the first drain and the first reload too, and a scrape names
+/// them before they happen.
+pub fn register_metrics(metrics: &Metrics) {
+    for mode in ["soft", "hard"] {
+        let _ = metrics.counter("cellgate_admin_drains_total", &[("mode", mode)]);
+    }
+    for result in ["ok", "error"] {
+        let _ = metrics.counter("cellgate_config_reloads_total", &[("result", result)]);
+    }
+}
+
 /// What a reload must open and check besides the config itself (the geo
 /// database, TLS certificates): the edge provides it.
 pub trait Resources: Send + Sync {
@@ -185,6 +201,9 @@ pub struct Admin {
     pub metrics: Metrics,
     pub sticky: Option<StickyKey>,
     pub resources: Arc<dyn Resources>,
+    /// The last minutes of every cell (sampled by [`History::run`], which
+    /// the edge starts with its control plane).
+    pub history: Arc<History>,
 }
 
 impl std::fmt::Debug for Admin {
@@ -344,13 +363,19 @@ impl Admin {
     }
 }
 
-/// Serves the admin API on a bound listener until `shutdown` resolves.
+/// Serves the admin API on a bound listener until `shutdown` resolves
+/// (event streams end then, so open status pages do not hold it up).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     admin: Arc<Admin>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let app = router(admin);
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let app = router(admin).layer(axum::Extension(api::Stopping(stopping)));
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopping_tx.send(true);
+    };
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
         tracing::error!(error = %e, "admin server stopped");
     }

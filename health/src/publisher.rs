@@ -301,6 +301,12 @@ impl Publisher {
                     let _ = ack.send(generation);
                 }
             }
+            // Ready once a table with every endpoint's first result is out
+            // (never before: a caller waiting for readiness must not route
+            // with an older table).
+            if pending == Change::None && self.tracker.ready() && !*self.ready.borrow() {
+                let _ = self.ready.send(true);
+            }
             if *self.probed.borrow() != self.applied {
                 self.probed.send_replace(self.applied);
             }
@@ -319,11 +325,7 @@ impl Publisher {
                 if epoch != self.epoch {
                     return Change::None;
                 }
-                let change = self.tracker.apply_probe(cell, endpoint, &outcome);
-                if self.tracker.ready() && !*self.ready.borrow() {
-                    let _ = self.ready.send(true);
-                }
-                change
+                self.tracker.apply_probe(cell, endpoint, &outcome)
             }
             Event::Operator(op, ack) => {
                 self.operator = op;
@@ -358,10 +360,8 @@ impl Publisher {
         match self.tracker.eject(ej.endpoint, self.clock.elapsed()) {
             Some(_) => {
                 let cell = self.layout.endpoints.get(ej.endpoint.0 as usize).map(|s| s.cell);
-                if let Some(c) = cell.and_then(|c| self.layout.config.cells.get(c.0 as usize)) {
-                    self.metrics
-                        .counter("cellgate_passive_ejections_total", &[("cell", c.id.as_str())])
-                        .increment(1);
+                if let Some(m) = cell.and_then(|c| self.layout.cells.get(c.0 as usize)) {
+                    m.passive_ejections.increment(1);
                 }
                 Change::Now
             }
@@ -445,6 +445,9 @@ impl Publisher {
             h.endpoints_up.set(f64::from(m.endpoints_up));
             if let Some(rtt) = m.srtt {
                 h.rtt.set(rtt.as_secs_f64());
+            }
+            if let Some(p50) = m.rtt_p50 {
+                h.rtt_p50.set(p50.as_secs_f64());
             }
             if let Some(p99) = m.rtt_p99 {
                 h.rtt_p99.set(p99.as_secs_f64());

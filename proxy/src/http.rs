@@ -569,14 +569,18 @@ impl ProxyHttp for CellProxy {
             (Some(s), Some(e)) => Some(s.endpoint(e).addr),
             _ => None,
         };
+        // Fields: see "Access log" in the README (the schema).
         tracing::info!(
             target: "cellgate::access",
+            trace_id = "",
+            client = tracing::field::display(OrDash(self.client_ip(session))),
             method = %session.req_header().method,
             path = session.req_header().uri.path(),
             service,
             cell,
             endpoint = tracing::field::display(OrDash(endpoint)),
             status,
+            bytes = session.body_bytes_sent(),
             duration_ms = elapsed * 1000.0,
             retries = ctx.retries,
             reason = tracing::field::display(OrDash(reason)),

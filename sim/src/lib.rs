@@ -245,6 +245,12 @@ async fn echo(mut stream: TcpStream, id: String) {
 }
 
 async fn serve(s: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    // A cell that is down answers nothing, not even on a connection opened
+    // before `/down` that has not closed yet: the request waits until the
+    // connection is dropped under it, as a dead cell's would.
+    if !s.up.load(Ordering::SeqCst) {
+        return std::future::pending().await;
+    }
     // A blackholed cell holds every request until `/up` (or `/down`, which
     // closes the connection under it).
     let _ = s.blackhole.subscribe().wait_for(|held| !held).await;

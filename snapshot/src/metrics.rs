@@ -184,9 +184,13 @@ pub struct CellMetrics {
     pub up: Gauge,
     pub endpoints_up: Gauge,
     pub rtt: Gauge,
+    pub rtt_p50: Gauge,
     pub rtt_p99: Gauge,
     pub load: Gauge,
     pub drained: Gauge,
+    /// Registered with the cell (at 0), so the first ejection shows in a
+    /// `rate()` too.
+    pub passive_ejections: Counter,
 }
 
 impl CellMetrics {
@@ -197,9 +201,11 @@ impl CellMetrics {
             up: m.gauge("cellgate_cell_up", &l),
             endpoints_up: m.gauge("cellgate_cell_endpoints_up", &l),
             rtt: m.gauge("cellgate_cell_rtt_seconds", &l),
+            rtt_p50: m.gauge("cellgate_cell_rtt_p50_seconds", &l),
             rtt_p99: m.gauge("cellgate_cell_rtt_p99_seconds", &l),
             load: m.gauge("cellgate_cell_load", &l),
             drained: m.gauge("cellgate_cell_drained", &l),
+            passive_ejections: m.counter("cellgate_passive_ejections_total", &l),
         }
     }
 }

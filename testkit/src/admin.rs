@@ -108,6 +108,15 @@ impl AdminClient {
         self.send(self.req(reqwest::Method::GET, "/api/v1/services")).await
     }
 
+    /// The history of every cell (the samples after `since_ms`, or all).
+    pub async fn history(&self, since_ms: Option<u64>) -> Result<HistoryView> {
+        self.send(
+            self.req(reqwest::Method::GET, "/api/v1/history")
+                .query(&HistoryQuery { since_ms }),
+        )
+        .await
+    }
+
     pub async fn drain(&self, cell: &str, req: &DrainRequest) -> Result<DrainResponse> {
         self.post(&format!("/api/v1/cells/{cell}/drain"), req).await
     }

@@ -129,6 +129,19 @@ impl TestEdge {
             .unwrap_or_else(|_| panic!("the publisher stopped"));
     }
 
+    /// Moves the clock by one history period and waits until the sampler
+    /// has taken the sample that falls due (the status page's charts get
+    /// one more point).
+    pub async fn sample(&self) {
+        let mut samples = self.admin.history.subscribe();
+        let before = *samples.borrow_and_update();
+        self.clock.advance(self.admin.history.period());
+        tokio::time::timeout(PATIENCE, samples.wait_for(|n| *n > before))
+            .await
+            .unwrap_or_else(|_| panic!("no history sample within {PATIENCE:?}"))
+            .unwrap_or_else(|_| panic!("the history is gone"));
+    }
+
     /// Probe rounds until `cond` holds of the published snapshot (at most
     /// `rounds`).
     pub async fn probe_until(&self, rounds: usize, cond: impl Fn(&Snapshot) -> bool) {
