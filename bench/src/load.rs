@@ -88,11 +88,29 @@ async fn one(client: reqwest::Client, url: String, host: String, t0: Instant) ->
     }
 }
 
+/// How the load's requests reach the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connections {
+    /// A pool of kept-alive connections (reqwest's), as browsers do.
+    KeepAlive,
+    /// A new TCP connection for every request.
+    New,
+}
+
 impl Load {
     /// Starts `rate` GETs per second against `url` with this Host; no
     /// cookies, so every request is a new session.
     pub fn start(url: &str, host: &str, rate: u32) -> anyhow::Result<Load> {
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+        Self::start_with(url, host, rate, Connections::KeepAlive)
+    }
+
+    /// [`Load::start`], on kept-alive connections or a new one per request.
+    pub fn start_with(url: &str, host: &str, rate: u32, connections: Connections) -> anyhow::Result<Load> {
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(10));
+        if connections == Connections::New {
+            builder = builder.pool_max_idle_per_host(0);
+        }
+        let client = builder.build()?;
         let t0 = Instant::now();
         let stop = Arc::new(AtomicBool::new(false));
         let interval = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));

@@ -7,17 +7,24 @@
 //!   reports how much resident memory the proxy grew by.
 //! * `compliance`: DNS behaviours ISC's genreport does not cover, against
 //!   cellgate and its peers side by side (`bench/compliance/run`).
+//! * `fleet`: three edges sharing operator intent through a three-member
+//!   etcd cluster under load: drain propagation, the etcd leader killed.
+//! * `upgrade`: `cellgate run --upgrade` + SIGQUIT under HTTP, DNS and L4
+//!   load: nothing failed, unanswered or cut early.
 //!
-//! `bench/run` drives both. Everything stays on loopback, and every loop is
+//! The `bare-pingora` binary beside it is the engine floor of
+//! `bench/proxy/run`. `bench/run` drives them all. Everything stays on loopback, and every loop is
 //! bounded in count and in time.
 
 #![forbid(unsafe_code)]
 
 mod compliance;
+mod fleet;
 mod idle;
 mod load;
 mod scenarios;
 mod topo;
+mod upgrade;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
@@ -74,6 +81,26 @@ enum Command {
         #[arg(long, default_value = "demo.test")]
         zone: String,
     },
+    /// Three edges on a three-member etcd cluster under load: drain propagation, then the etcd
+    /// leader killed; prints Markdown tables.
+    Fleet {
+        /// The cellgate binary to run (edges and sim cells).
+        #[arg(long, default_value = "target/release/cellgate")]
+        cellgate: PathBuf,
+        /// 3 drain/undrain cycles instead of 20, 150 requests/s instead of 600, shorter waits.
+        #[arg(long)]
+        smoke: bool,
+    },
+    /// `cellgate run --upgrade` + SIGQUIT under HTTP, DNS (UDP, TCP) and L4 load; prints Markdown
+    /// tables.
+    Upgrade {
+        /// The cellgate binary to run (edge and sim cells).
+        #[arg(long, default_value = "target/release/cellgate")]
+        cellgate: PathBuf,
+        /// One upgrade instead of three, a 2 s grace period instead of 5 s, lighter load.
+        #[arg(long)]
+        smoke: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -105,6 +132,8 @@ fn main() -> ExitCode {
                 hold,
             } => idle::run(addr, &host, conns, &pid, Duration::from(hold)).await,
             Command::Compliance { servers, zone } => compliance::run(&servers, &zone).await,
+            Command::Fleet { cellgate, smoke } => fleet::run(&cellgate, smoke).await,
+            Command::Upgrade { cellgate, smoke } => upgrade::run(&cellgate, smoke).await,
         }
     });
     match result {

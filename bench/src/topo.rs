@@ -8,6 +8,7 @@ use std::{
     net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -25,13 +26,58 @@ const CELLS: [(&str, f64, f64, &str); 3] = [
     ("ap-south", 19.08, 72.88, "IN"),
 ];
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// The lowest port the kernel picks for outgoing connections and port 0.
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .unwrap_or(32_768)
+}
+
+/// The next port [`free_port`] tries (an offset into its range).
+static NEXT_PORT: AtomicU32 = AtomicU32::new(0);
+
+/// A free loopback TCP port below the kernel's ephemeral range, so that no
+/// outgoing connection (to etcd, to a cell) can take it between now and the
+/// process that binds it. Ports are handed out in turn from a start that
+/// differs from run to run, never twice by one process.
+pub fn free_port() -> anyhow::Result<u16> {
+    const FIRST: u32 = 10_000;
+    let span = u32::from(ephemeral_low()).saturating_sub(FIRST);
+    if span < 1_000 {
+        // An unusual range: let the kernel pick.
+        return Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port());
+    }
+    let seed = std::process::id().wrapping_mul(7_919)
+        ^ SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+    let _ = NEXT_PORT.compare_exchange(0, seed % span + 1, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..span {
+        let port = FIRST + NEXT_PORT.fetch_add(1, Ordering::Relaxed) % span;
+        let port = u16::try_from(port)?;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free loopback port between {FIRST} and {}", FIRST + span)
+}
+
+/// A free loopback port for both TCP and UDP (a DNS listener).
+pub fn free_port_udp_too() -> anyhow::Result<u16> {
+    for _ in 0..100 {
+        let port = free_port()?;
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no loopback port free for both TCP and UDP in 100 tries")
 }
 
 /// A child process killed when dropped.
 #[derive(Debug)]
-struct Proc(Child);
+pub struct Proc(pub Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -45,7 +91,74 @@ pub struct Cell {
     pub id: &'static str,
     pub http: u16,
     pub control: u16,
+    /// The TCP echo port, when asked for.
+    pub tcp: Option<u16>,
     proc: Option<Proc>,
+}
+
+/// Starts one `cellgate sim-cell` process per cell of [`CELLS`], logging
+/// to `<dir>/<id>.log`, with a TCP echo port when `tcp` is set.
+pub fn start_cells(cellgate: &Path, dir: &Path, tcp: bool) -> anyhow::Result<Vec<Cell>> {
+    let mut cells = Vec::new();
+    for (id, ..) in CELLS {
+        let (http, control) = (free_port()?, free_port()?);
+        let tcp = if tcp { Some(free_port()?) } else { None };
+        let log = File::create(dir.join(format!("{id}.log")))?;
+        let mut cmd = Command::new(cellgate);
+        cmd.args(["sim-cell", "--id", id])
+            .args(["--listen", &format!("127.0.0.1:{http}")])
+            .args(["--control-listen", &format!("127.0.0.1:{control}")]);
+        if let Some(t) = tcp {
+            cmd.args(["--tcp-listen", &format!("127.0.0.1:{t}")]);
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", cellgate.display()))?;
+        cells.push(Cell {
+            id,
+            http,
+            control,
+            tcp,
+            proc: Some(Proc(child)),
+        });
+    }
+    Ok(cells)
+}
+
+/// The `[[cells]]` tables for these cells (eu-west's capacity as given),
+/// with their TCP ports, and with `dns` an address each for DNS answers
+/// (127.0.1.1, 127.0.2.1, ...).
+pub fn cells_toml(cells: &[Cell], eu_capacity: f64, dns: bool) -> String {
+    let mut c = String::new();
+    for (i, (cell, (id, lat, lon, country))) in cells.iter().zip(CELLS).enumerate() {
+        let capacity = if id == "eu-west" { eu_capacity } else { 1.0 };
+        let tcp = cell
+            .tcp
+            .map(|t| format!("tcp = [\"127.0.0.1:{t}\"]\n"))
+            .unwrap_or_default();
+        let dns = if dns {
+            format!("dns = [\"127.0.{}.1\"]\n", i + 1)
+        } else {
+            String::new()
+        };
+        let _ = write!(
+            c,
+            r#"
+[[cells]]
+id = "{id}"
+region = "{id}-1"
+location = {{ lat = {lat}, lon = {lon} }}
+country = "{country}"
+capacity = {capacity}
+load_limit = 0.9
+http = ["127.0.0.1:{port}"]
+{dns}{tcp}"#,
+            port = cell.http,
+        );
+    }
+    c
 }
 
 /// One access-log line of the edge.
@@ -71,25 +184,7 @@ impl Topo {
     /// edge's table.
     pub async fn start(cellgate: &Path) -> anyhow::Result<Topo> {
         let dir = tempfile::tempdir()?;
-        let mut cells = Vec::new();
-        for (id, ..) in CELLS {
-            let (http, control) = (free_port()?, free_port()?);
-            let log = File::create(dir.path().join(format!("{id}.log")))?;
-            let child = Command::new(cellgate)
-                .args(["sim-cell", "--id", id])
-                .args(["--listen", &format!("127.0.0.1:{http}")])
-                .args(["--control-listen", &format!("127.0.0.1:{control}")])
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .with_context(|| format!("starting {}", cellgate.display()))?;
-            cells.push(Cell {
-                id,
-                http,
-                control,
-                proc: Some(Proc(child)),
-            });
-        }
+        let cells = start_cells(cellgate, dir.path(), false)?;
         let (http, admin) = (free_port()?, free_port()?);
         let mut topo = Topo {
             cells,
@@ -174,23 +269,7 @@ shard_key = {{ header = "x-tenant" }}
             http = self.http,
             admin = self.admin
         );
-        for (cell, (id, lat, lon, country)) in self.cells.iter().zip(CELLS) {
-            let capacity = if id == "eu-west" { eu_capacity } else { 1.0 };
-            write!(
-                c,
-                r#"
-[[cells]]
-id = "{id}"
-region = "{id}-1"
-location = {{ lat = {lat}, lon = {lon} }}
-country = "{country}"
-capacity = {capacity}
-load_limit = 0.9
-http = ["127.0.0.1:{port}"]
-"#,
-                port = cell.http
-            )?;
-        }
+        c.push_str(&cells_toml(&self.cells, eu_capacity, false));
         // Write then rename, so a reload never reads half a file.
         let tmp = self.dir.path().join("cellgate.toml.tmp");
         std::fs::write(&tmp, c)?;

@@ -5,6 +5,12 @@
 //! from HTTP/1 here, with a deadline, and HTTP/1 keep-alive is driven here,
 //! one `process_new_http` per request, so connection-level limits live in
 //! cellgate. TLS is rustls through pingora's acceptor.
+//!
+//! An idle plain-text keep-alive connection holds only its socket and this
+//! module's small connection task: the next `process_new_http` (a boxed
+//! future as large as pingora's whole proxy path, and a 4 KiB header
+//! buffer) starts when the next request's first byte has arrived, not
+//! before (see `bench/README.md`, idle memory).
 
 use std::{os::fd::AsRawFd, sync::Arc, time::Duration};
 
@@ -162,11 +168,38 @@ async fn serve_http1(app: Arc<HttpApp>, stream: Stream, shutdown: ShutdownWatch)
         let Some(reused) = app.process_new_http(session, &shutdown).await else {
             return;
         };
-        let (stream, persisted) = reused.consume();
+        let (mut stream, persisted) = reused.consume();
+        if !next_request(&mut stream, &shutdown).await {
+            return;
+        }
         session = ServerSession::new_http1(stream);
         if let Some(p) = persisted {
             p.apply_to_session(&mut session);
         }
         session.set_keepalive(if *shutdown.borrow() { None } else { Some(KEEPALIVE_SECS) });
+    }
+}
+
+/// Between two requests on a kept-alive connection: waits until the next
+/// request's first byte has arrived (`true`; the byte stays in the stream)
+/// or the connection is done with (`false`: the client closed it, it idled
+/// for the keep-alive timeout, or the listener stops, which closes idle
+/// connections as pingora does). Streams that cannot peek without reading
+/// (TLS) answer `true` at once and wait in pingora's request reader as
+/// before. pingora reuses a connection only when no bytes of a next
+/// request were read with the previous one (no pipelining), so the socket
+/// holds all of it.
+async fn next_request(stream: &mut Stream, shutdown: &ShutdownWatch) -> bool {
+    let mut stop = shutdown.clone();
+    if *stop.borrow() {
+        return false;
+    }
+    let mut first = [0u8; 1];
+    tokio::select! {
+        biased;
+        peeked = tokio::time::timeout(Duration::from_secs(KEEPALIVE_SECS), stream.try_peek(&mut first)) => {
+            matches!(peeked, Ok(Ok(_)))
+        }
+        _ = stopped(&mut stop) => false,
     }
 }

@@ -1,0 +1,148 @@
+//! `bare-pingora`: the engine floor of the proxy benchmark.
+//!
+//! A minimal pingora proxy that only picks an upstream, round robin over
+//! the backends it is given, served by pingora's own `Server` (its accept
+//! loops, its HTTP/1, h2c and TLS handling) with one worker thread and
+//! pingora's upstream keep-alive pool. `bench/proxy/run` measures cellgate
+//! against it, so the gap between cellgate and nginx splits into what the
+//! engine costs and what cellgate adds on top.
+//!
+//! It has the global allocator cellgate has: the `alloc-mimalloc` and
+//! `alloc-jemalloc` features of this crate mirror those of the `cellgate`
+//! package, and `bench/proxy/run` builds both with the same one.
+//!
+//! TLS is rustls (ring), TLS 1.2 and 1.3, offering h2 and HTTP/1.1, as on
+//! cellgate's `[listeners] https`. Loopback addresses only.
+
+#![forbid(unsafe_code)]
+
+#[cfg(all(feature = "alloc-mimalloc", feature = "alloc-jemalloc"))]
+compile_error!("choose one global allocator: `alloc-mimalloc` or `alloc-jemalloc`, not both");
+
+#[cfg(feature = "alloc-mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[cfg(feature = "alloc-jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::ExitCode,
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use async_trait::async_trait;
+use clap::Parser;
+use pingora::{
+    apps::HttpServerOptions, listeners::tls::TlsSettings, prelude::*, server::configuration::ServerConf,
+    upstreams::peer::HttpPeer,
+};
+
+/// A bare pingora proxy: round robin over the upstreams, nothing else.
+#[derive(Parser, Debug)]
+#[command(about)]
+struct Cli {
+    /// Plain-text listener (HTTP/1.1, and h2c with prior knowledge).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// TLS listener (h2 or HTTP/1.1 by ALPN); needs `--cert` and `--key`.
+    #[arg(long, requires_all = ["cert", "key"])]
+    tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain for the TLS listener.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// PEM private key for the TLS listener.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Upstream addresses (comma separated), used in turn.
+    #[arg(long, required = true, value_delimiter = ',')]
+    upstream: Vec<SocketAddr>,
+    /// Worker threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+/// Picks the next upstream; that is all.
+#[derive(Debug)]
+struct RoundRobin {
+    upstreams: Vec<SocketAddr>,
+    next: AtomicUsize,
+}
+
+#[async_trait]
+impl ProxyHttp for RoundRobin {
+    type CTX = ();
+
+    fn new_ctx(&self) -> Self::CTX {}
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.upstreams.len();
+        Ok(Box::new(HttpPeer::new(self.upstreams[i], false, String::new())))
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let addrs = std::iter::once(cli.listen)
+        .chain(cli.tls_listen)
+        .chain(cli.upstream.iter().copied());
+    for a in addrs {
+        if !a.ip().is_loopback() {
+            eprintln!("error: {a} is not a loopback address");
+            return ExitCode::FAILURE;
+        }
+    }
+    let dir = std::env::temp_dir();
+    let conf = ServerConf {
+        threads: cli.threads,
+        // Never used (no daemon, no upgrade), but kept apart from any other
+        // pingora on the machine.
+        pid_file: dir
+            .join(format!("bare-pingora-{}.pid", std::process::id()))
+            .display()
+            .to_string(),
+        upgrade_sock: dir
+            .join(format!("bare-pingora-{}.sock", std::process::id()))
+            .display()
+            .to_string(),
+        // A benchmark tool: stop within a second or two of SIGTERM rather
+        // than after pingora's five-minute grace.
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let mut service = http_proxy_service(
+        &server.configuration,
+        RoundRobin {
+            upstreams: cli.upstream,
+            next: AtomicUsize::new(0),
+        },
+    );
+    if let Some(app) = service.app_logic_mut() {
+        // h2c with prior knowledge on the plain listener, as cellgate does;
+        // pingora turns it off on TLS streams (ALPN decides there).
+        let mut options = HttpServerOptions::default();
+        options.h2c = true;
+        app.server_options = Some(options);
+    }
+    service.add_tcp(&cli.listen.to_string());
+    if let (Some(addr), Some(cert), Some(key)) = (cli.tls_listen, &cli.cert, &cli.key) {
+        let tls = TlsSettings::intermediate(&cert.display().to_string(), &key.display().to_string());
+        let mut tls = match tls {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: TLS settings: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tls.enable_h2();
+        service.add_tls_with_settings(&addr.to_string(), None, tls);
+    }
+    server.add_service(service);
+    server.run_forever()
+}
