@@ -7,6 +7,7 @@ mod support;
 use std::path::Path;
 
 use cellgate_routing::OperatorState;
+use cellgate_testkit::mmdb::GeoNet;
 use hickory_proto::{
     op::{Edns, Message, MessageType, OpCode, ResponseCode},
     rr::{rdata::opt::EdnsCode, RData, RecordType},
@@ -408,47 +409,17 @@ async fn all_cells_down_fails_open_on_the_nearest_cell() {
 
 /// A GeoIP2-City database whose networks are finer than the queries.
 fn write_split_mmdb(path: &Path) {
-    use maxminddb_writer::{metadata::IpVersion, paths::IpAddrWithMask, Database};
-    #[derive(serde::Serialize)]
-    struct Country {
-        iso_code: &'static str,
-    }
-    #[derive(serde::Serialize)]
-    struct Location {
-        latitude: f64,
-        longitude: f64,
-    }
-    #[derive(serde::Serialize)]
-    struct City {
-        country: Country,
-        location: Location,
-    }
-    let mut db = Database::default();
-    db.metadata.ip_version = IpVersion::V6;
-    db.metadata.database_type = "GeoIP2-City".into();
-    db.metadata.binary_format_major_version = 2;
-    db.metadata.languages = vec!["en".into()];
-    for (net, prefix, iso, lat, lon) in [
-        // 198.18.0.0/24: only its lower /25 is known (India).
-        ("::198.18.0.0", 121u8, "IN", 20.59, 78.96),
-        // 198.19.0.0/24: two /26s in the US and India, the rest unknown.
-        ("::198.19.0.0", 122, "US", 37.43, -78.66),
-        ("::198.19.0.64", 122, "IN", 20.59, 78.96),
-        ("2001:db8:ab::", 48, "IN", 20.59, 78.96),
-    ] {
-        let data = db
-            .insert_value(City {
-                country: Country { iso_code: iso },
-                location: Location {
-                    latitude: lat,
-                    longitude: lon,
-                },
-            })
-            .expect("value");
-        db.insert_node(IpAddrWithMask::new(net.parse().expect("ip"), prefix), data);
-    }
-    let f = std::fs::File::create(path).expect("create");
-    db.write_to(std::io::BufWriter::new(f)).expect("write");
+    cellgate_testkit::mmdb::write_city(
+        path,
+        &[
+            // 198.18.0.0/24: only its lower /25 is known (India).
+            GeoNet::new("::198.18.0.0", 121, "IN", 20.59, 78.96),
+            // 198.19.0.0/24: two /26s in the US and India, the rest unknown.
+            GeoNet::new("::198.19.0.0", 122, "US", 37.43, -78.66),
+            GeoNet::new("::198.19.0.64", 122, "IN", 20.59, 78.96),
+            GeoNet::new("2001:db8:ab::", 48, "IN", 20.59, 78.96),
+        ],
+    );
 }
 
 #[tokio::test]

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use cellgate_config::CellId;
 use cellgate_routing::{Drain, DrainMode, OperatorState, Timestamp};
+use cellgate_testkit::mmdb::GeoNet;
 use hickory_proto::{
     op::{Edns, Message, OpCode, ResponseCode},
     rr::{RData, RecordType},
@@ -206,45 +207,15 @@ async fn down_or_drained_cells_leave_answers_at_the_next_publish_and_all_down_po
 /// A GeoIP2-City-shaped database written with a writer crate, mapping the
 /// documentation networks; no downloaded data.
 fn write_mmdb(path: &Path) {
-    use maxminddb_writer::{metadata::IpVersion, paths::IpAddrWithMask, Database};
-    #[derive(serde::Serialize)]
-    struct Country {
-        iso_code: &'static str,
-    }
-    #[derive(serde::Serialize)]
-    struct Location {
-        latitude: f64,
-        longitude: f64,
-    }
-    #[derive(serde::Serialize)]
-    struct City {
-        country: Country,
-        location: Location,
-    }
-    let mut db = Database::default();
-    db.metadata.ip_version = IpVersion::V6;
-    db.metadata.database_type = "GeoIP2-City".into();
-    db.metadata.binary_format_major_version = 2;
-    db.metadata.languages = vec!["en".into()];
-    for (net, prefix, iso, lat, lon) in [
-        ("::198.51.100.0", 120u8, "IE", 53.35, -6.26),
-        ("::192.0.2.0", 120, "US", 37.43, -78.66),
-        ("::203.0.113.0", 120, "IN", 20.59, 78.96),
-        ("2001:db8::", 32, "IN", 20.59, 78.96),
-    ] {
-        let data = db
-            .insert_value(City {
-                country: Country { iso_code: iso },
-                location: Location {
-                    latitude: lat,
-                    longitude: lon,
-                },
-            })
-            .expect("value");
-        db.insert_node(IpAddrWithMask::new(net.parse().expect("ip"), prefix), data);
-    }
-    let f = std::fs::File::create(path).expect("create");
-    db.write_to(std::io::BufWriter::new(f)).expect("write");
+    cellgate_testkit::mmdb::write_city(
+        path,
+        &[
+            GeoNet::new("::198.51.100.0", 120, "IE", 53.35, -6.26),
+            GeoNet::new("::192.0.2.0", 120, "US", 37.43, -78.66),
+            GeoNet::new("::203.0.113.0", 120, "IN", 20.59, 78.96),
+            GeoNet::new("2001:db8::", 32, "IN", 20.59, 78.96),
+        ],
+    );
 }
 
 #[tokio::test]

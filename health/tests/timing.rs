@@ -74,7 +74,9 @@ fn config(f: impl FnOnce(&mut RawConfig)) -> Arc<Config> {
                 ..Default::default()
             }
         })
-        .cell("a", DUBLIN, |c| c.http = vec!["127.0.0.1:1001".into(), "127.0.0.1:1002".into()])
+        .cell("a", DUBLIN, |c| {
+            c.http = vec!["127.0.0.1:1001".into(), "127.0.0.1:1002".into()]
+        })
         .cell("b", ASHBURN, |c| c.http = vec!["127.0.0.1:1003".into()])
         .service("svc", Policy::Failover, &["a", "b"], |_| {})
         .with(f)
@@ -226,13 +228,12 @@ async fn jitter_stays_within_bounds() {
 
 #[tokio::test(start_paused = true)]
 async fn passive_ejection_backs_off_and_is_capped_per_cell() {
-    let (h, _script) =
-        start(|r| {
-            r.passive.consecutive_failures = Some(3);
-            r.passive.base_ejection = Some("1s".into());
-            r.passive.max_ejection = Some("4s".into());
-        })
-        .await;
+    let (h, _script) = start(|r| {
+        r.passive.consecutive_failures = Some(3);
+        r.passive.base_ejection = Some("1s".into());
+        r.passive.max_ejection = Some("4s".into());
+    })
+    .await;
     let ejected = |port: u16| {
         let t = h.table();
         t.cells
@@ -310,14 +311,16 @@ async fn reload_keeps_history_of_unchanged_cells_and_operator_changes_publish_at
     let gen = h.table().generation;
     // New probes take 50 ms, so a restarted history is visible as Unknown.
     *script.delay.lock().expect("lock") = Duration::from_millis(50);
-    h.apply_reload(config(|r| r.health.path = Some("/ready".into())), None).await;
+    h.apply_reload(config(|r| r.health.path = Some("/ready".into())), None)
+        .await;
     let t = h.table();
     assert!(t.generation > gen);
     // The health check changed (path), so history restarts for every cell...
     assert_eq!(health_of(&t, "b"), H::Unknown);
     // ...but a reload with the same cells keeps it.
     assert!(until(&h, "b", H::Down, Duration::from_secs(1)).await.is_some());
-    h.apply_reload(config(|r| r.health.path = Some("/ready".into())), None).await;
+    h.apply_reload(config(|r| r.health.path = Some("/ready".into())), None)
+        .await;
     assert_eq!(health_of(&h.table(), "b"), H::Down);
     assert_eq!(health_of(&h.table(), "a"), H::Up);
 

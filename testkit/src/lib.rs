@@ -18,6 +18,7 @@ pub mod browser;
 mod dns;
 mod edge;
 pub mod etcd;
+pub mod mmdb;
 mod topology;
 
 use std::time::Duration;
