@@ -106,6 +106,7 @@ pub struct BoundEdge {
     l4_proxy: Arc<L4Proxy>,
     dns: Option<cellgate_dns::DnsListener>,
     admin_listener: Option<TcpListener>,
+    certs: Option<Arc<CertStore>>,
     control: Option<Handle>,
     log_dropped: Option<Arc<dyn Fn() -> u64 + Send + Sync>>,
 }
@@ -167,10 +168,11 @@ impl Resources for EdgeResources {
             .map_err(|p| problems.push(p))
             .ok()
             .flatten();
-        let certs = cellgate_proxy::tls::load_certs(config)
+        let certs = cellgate_proxy::tls::load_certs(config, std::time::SystemTime::now())
             .map_err(|p| problems.extend(p))
             .ok()
             .flatten();
+        problems.extend(cellgate_proxy::tls::check_upstream_cas(config));
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -214,10 +216,11 @@ impl Edge {
             .map_err(|p| problems.push(p))
             .ok()
             .flatten();
-        let certs = cellgate_proxy::tls::load_certs(&config)
+        let certs = cellgate_proxy::tls::load_certs(&config, std::time::SystemTime::now())
             .map_err(|p| problems.extend(p))
             .ok()
             .flatten();
+        problems.extend(cellgate_proxy::tls::check_upstream_cas(&config));
         if !problems.is_empty() {
             return Err(cellgate_config::Error::Invalid {
                 file: config.source.clone(),
@@ -267,7 +270,8 @@ impl Edge {
             addrs.http = Some(l.local_addr()?);
             http.push(("http", l, None));
         }
-        let cert_store = certs.map(CertStore::new);
+        let metrics = Metrics::prometheus();
+        let cert_store = certs.map(|c| CertStore::new(c, metrics.clone()));
         if let (Some(tls), Some(store)) = (&config.listeners.https, &cert_store) {
             let l = bind_tcp(tls.addr, "listeners.https").await?;
             addrs.https = Some(l.local_addr()?);
@@ -306,7 +310,6 @@ impl Edge {
         };
 
         // The control plane: prober and publisher.
-        let metrics = Metrics::prometheus();
         let health = {
             let _guard = opts.control.as_ref().map(Handle::enter);
             Arc::new(Health::start(
@@ -349,13 +352,15 @@ impl Edge {
         for (name, listener, tls) in http {
             let app = cellgate_proxy::http_app(&config, snapshots.clone(), sticky.clone(), tls.is_some());
             apps.push(app.clone());
-            listeners.push(HttpListener {
+            listeners.push(HttpListener::new(
                 name,
                 listener,
                 tls,
                 app,
-                max_connections: config.proxy.max_connections,
-            });
+                &config.proxy,
+                snapshots.clone(),
+                &metrics,
+            ));
         }
         let l4_proxy = Arc::new(L4Proxy {
             snapshots: snapshots.clone(),
@@ -373,6 +378,7 @@ impl Edge {
             l4_proxy,
             dns,
             admin_listener,
+            certs: cert_store,
             control: opts.control,
             log_dropped: opts.log_dropped,
         })
@@ -415,7 +421,7 @@ impl BoundEdge {
         };
         let mut serving = Vec::new();
         for l in self.http {
-            tracing::info!(listener = l.name, addr = ?l.listener.local_addr().ok(), "http serving");
+            tracing::info!(listener = l.name(), addr = ?l.local_addr().ok(), "http serving");
             let (rx, conns, cancel) = (stop_rx.clone(), conns.clone(), cancel.clone());
             serving.push(tokio::spawn(l.serve(rx, conns, cancel)));
         }
@@ -452,6 +458,7 @@ impl BoundEdge {
             let metrics = self.metrics.clone();
             let dropped = self.log_dropped.clone();
             let counter = metrics.counter("cellgate_log_dropped_lines_total", &[]);
+            let certs = self.certs.clone();
             let mut rx = stop_rx.clone();
             spawn_control(Box::pin(async move {
                 loop {
@@ -460,6 +467,9 @@ impl BoundEdge {
                             metrics.upkeep();
                             if let Some(d) = &dropped {
                                 counter.absolute(d());
+                            }
+                            if let Some(c) = &certs {
+                                c.refresh(std::time::SystemTime::now());
                             }
                         }
                         _ = rx.wait_for(|s| *s) => return,

@@ -18,6 +18,7 @@ pub mod browser;
 mod dns;
 mod edge;
 mod topology;
+pub mod wire;
 
 use std::time::Duration;
 
