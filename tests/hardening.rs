@@ -288,6 +288,104 @@ async fn heads_too_large_or_with_too_many_fields_get_431() {
 }
 
 // ---------------------------------------------------------------------
+// 2. Certificates: chosen by SNI, rotated by a reload, refused when bad.
+
+/// The leaf certificate (DER) the edge serves to a handshake for `name`
+/// (an IP address: no SNI).
+async fn served(addr: SocketAddr, name: &str, roots: &[&[u8]]) -> Vec<u8> {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from(name.to_owned()).expect("name");
+    let tls = tls_client(roots, &[b"http/1.1"])
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    tls.get_ref().1.peer_certificates().expect("certificates")[0].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_certificates_are_chosen_by_sni() {
+    let cells = SimCells::three().await;
+    let (a_crt, a_key, a) = cert(&["a.test", "127.0.0.1"]);
+    let (b_crt, b_key, b) = cert(&["b.test", "*.b.test"]);
+    let t = topology(&cells, |_| {}).https_certs(&["a", "b"]);
+    let edge = TestEdge::start_with_files(
+        &t,
+        &[
+            ("a.crt", a_crt.as_bytes()),
+            ("a.key", a_key.as_bytes()),
+            ("b.crt", b_crt.as_bytes()),
+            ("b.key", b_key.as_bytes()),
+        ],
+    )
+    .await
+    .expect("edge");
+    let https = edge.addrs.https.expect("https");
+    let roots: &[&[u8]] = &[&a, &b];
+    assert_eq!(served(https, "a.test", roots).await, a);
+    assert_eq!(served(https, "b.test", roots).await, b);
+    assert_eq!(served(https, "x.b.test", roots).await, b, "wildcard");
+    assert_eq!(served(https, "127.0.0.1", roots).await, a, "no SNI: the first");
+    for (file, _) in [("a.crt", &a), ("b.crt", &b)] {
+        let path = edge.dir.path().join(file);
+        let left = edge.metric(&format!(
+            "cellgate_tls_cert_expiry_seconds{{cert=\"{}\"}}",
+            path.display()
+        ));
+        assert!(left > 365.0 * 86_400.0, "{file}: {left}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_rotates_certificates_or_keeps_the_old_ones_with_422() {
+    let cells = SimCells::three().await;
+    let (a_crt, a_key, a) = cert(&["app.test"]);
+    let (b_crt, b_key, b) = cert(&["app.test"]);
+    let t = topology(&cells, |_| {}).https(
+        std::path::Path::new("{dir}/tls.crt"),
+        std::path::Path::new("{dir}/tls.key"),
+    );
+    let edge = TestEdge::start_with_files(&t, &[("tls.crt", a_crt.as_bytes()), ("tls.key", a_key.as_bytes())])
+        .await
+        .expect("edge");
+    let https = edge.addrs.https.expect("https");
+    let roots: &[&[u8]] = &[&a, &b];
+    assert_eq!(served(https, "app.test", roots).await, a);
+    // A keep-alive connection from before the rotation.
+    let tcp = TcpStream::connect(https).await.expect("connect");
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("app.test").expect("name");
+    let mut before = tls_client(roots, &[b"http/1.1"]).connect(name, tcp).await.expect("tls");
+    let get = b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n";
+    before.write_all(get).await.expect("write");
+    assert!(read_response(&mut before).await.0.starts_with("HTTP/1.1 200"));
+    // New files under the same paths: new handshakes get them, no restart.
+    std::fs::write(edge.dir.path().join("tls.crt"), &b_crt).expect("write");
+    std::fs::write(edge.dir.path().join("tls.key"), &b_key).expect("write");
+    let r = edge.admin().reload().await.expect("reload");
+    assert_eq!(r.restart_required, Vec::<String>::new());
+    assert_eq!(served(https, "app.test", roots).await, b);
+    before.write_all(get).await.expect("write");
+    assert!(
+        read_response(&mut before).await.0.starts_with("HTTP/1.1 200"),
+        "open connections keep going"
+    );
+    // Broken files: 422, and the last good certificate is still served.
+    std::fs::write(edge.dir.path().join("tls.crt"), "not a certificate").expect("write");
+    let e = edge.admin().reload().await.expect_err("a broken certificate");
+    assert_eq!(e.status, 422, "{e}");
+    assert!(
+        e.body.problems.iter().any(|p| p.contains("listeners.https.cert")),
+        "{:?}",
+        e.body.problems
+    );
+    assert_eq!(served(https, "app.test", roots).await, b);
+    // And `run` refuses the broken files outright.
+    let err = TestEdge::start_with_files(&t, &[("tls.crt", b"garbage"), ("tls.key", a_key.as_bytes())])
+        .await
+        .expect_err("an edge with a broken certificate");
+    assert!(format!("{err:#}").contains("holds no CERTIFICATE block"), "{err:#}");
+}
+
+// ---------------------------------------------------------------------
 // 3. Upgraded connections have their own idle timeout.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
