@@ -189,3 +189,29 @@ pub fn init(format: Format, access: &AccessLog) -> std::io::Result<Logging> {
         counters,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_pingora_lines_about_clients_are_noise() {
+        let down = "Fail to proxy: Downstream ReadError context: while reading request headers";
+        assert!(is_client_noise("pingora_proxy", Level::ERROR, down));
+        assert!(is_client_noise(
+            "pingora_proxy",
+            Level::ERROR,
+            "failed to send error response to downstream: x"
+        ));
+        assert!(!is_client_noise(
+            "pingora_proxy",
+            Level::ERROR,
+            "Fail to proxy: Upstream ConnectRefused"
+        ));
+        assert!(!is_client_noise("cellgate::edge", Level::ERROR, down), "only pingora's");
+        assert!(
+            !is_client_noise("pingora_proxy", Level::INFO, down),
+            "WARN and ERROR only"
+        );
+    }
+}
