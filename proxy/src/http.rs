@@ -180,7 +180,14 @@ impl RequestCtx {
 
 /// Headers that describe the path of a request through proxies; from a
 /// client that is not a trusted proxy they are lies, and are replaced.
-const FORWARDING: [&str; 5] = ["forwarded", "x-real-ip", "x-forwarded-host", "x-forwarded-port", "via"];
+const FORWARDING: [http::HeaderName; 5] = [
+    header::FORWARDED,
+    http::HeaderName::from_static("x-real-ip"),
+    X_FORWARDED_HOST,
+    http::HeaderName::from_static("x-forwarded-port"),
+    header::VIA,
+];
+const X_FORWARDED_HOST: http::HeaderName = http::HeaderName::from_static("x-forwarded-host");
 
 fn http_error(status: u16, why: String) -> Box<Error> {
     Error::explain(ErrorType::HTTPStatus(status), why)
@@ -582,12 +589,12 @@ impl ProxyHttp for CellProxy {
             }
         }
         if !trusted {
-            for h in FORWARDING {
+            for h in &FORWARDING {
                 upstream.remove_header(h);
             }
         }
         // The Host the client asked for, before a cell's own replaces it.
-        if !trusted || !upstream.headers.contains_key("x-forwarded-host") {
+        if !trusted || !upstream.headers.contains_key(&X_FORWARDED_HOST) {
             let host = session.get_header(header::HOST).cloned().or_else(|| {
                 session
                     .req_header()
@@ -596,7 +603,7 @@ impl ProxyHttp for CellProxy {
                     .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
             });
             if let Some(h) = host {
-                upstream.insert_header("x-forwarded-host", h)?;
+                upstream.insert_header(X_FORWARDED_HOST, h)?;
             }
         }
         if let Some(v) = self.via(session.req_header().version) {
