@@ -113,8 +113,12 @@ async fn start(f: impl FnOnce(&mut RawConfig)) -> (Health, Arc<Script>) {
     (h, script)
 }
 
-/// Reports a proxy outcome for the endpoint at `port`, as the proxy does.
+/// Reports a proxy outcome for the endpoint at `port`, as the proxy does,
+/// each time from another client.
 fn report(h: &Health, port: u16, outcome: UpstreamOutcome) {
+    static CLIENT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+    let client = CLIENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let source = cellgate_snapshot::Source::of(std::net::IpAddr::from([192, 0, 2, client]));
     let s = h.snapshot();
     let i = s
         .table
@@ -122,7 +126,7 @@ fn report(h: &Health, port: u16, outcome: UpstreamOutcome) {
         .iter()
         .position(|e| e.addr == addr(port))
         .expect("endpoint");
-    s.report(EndpointIdx(i as u32), outcome);
+    s.report(EndpointIdx(i as u32), outcome, source);
 }
 
 /// Advances paused time in small steps until `cell` has `want`; returns when.
@@ -249,11 +253,11 @@ async fn passive_ejection_backs_off_and_is_capped_per_cell() {
     ] {
         report(&h, 1001, o);
     }
-    report(&h, 1001, UpstreamOutcome::ServerError);
-    report(&h, 1001, UpstreamOutcome::ServerError);
+    report(&h, 1001, UpstreamOutcome::Gateway);
+    report(&h, 1001, UpstreamOutcome::Gateway);
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert!(!ejected(1001));
-    report(&h, 1001, UpstreamOutcome::ServerError);
+    report(&h, 1001, UpstreamOutcome::Gateway);
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert!(ejected(1001));
     // Cap: a cell of two endpoints keeps at least one (fraction 0.5).

@@ -20,6 +20,7 @@ mod edge;
 pub mod etcd;
 pub mod mmdb;
 mod topology;
+pub mod wire;
 
 use std::time::Duration;
 
