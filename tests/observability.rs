@@ -223,7 +223,7 @@ async fn status_page_charts_have_points_move_and_show_a_drain_within_two_seconds
             for _ in 0..(3 + (step * 7) % 11) {
                 get(fresh, edge, "api.test").await;
             }
-            if step % 2 == 0 {
+            if step.is_multiple_of(2) {
                 dns.ask(&DnsQuery::new("app.example.test.", RecordType::A)).await;
             }
         }
@@ -441,7 +441,12 @@ fn dashboard_queries(d: &serde_json::Value) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_queries_only_metrics_a_running_edge_exports() {
-    let (_cells, edge) = start().await;
+    // A fleet edge (on a real etcd), so the fleet panels are checked too.
+    let etcd = cellgate_testkit::etcd::Etcd::start().await;
+    let cells = SimCells::start(&["eu", "us", "ap", "eu-b"]).await;
+    let edge = TestEdge::start(&topology(&cells, dead_addr()).fleet(&etcd.url(), "edge-a")).await;
+    edge.probe_until(20, |s| s.table.cells.iter().all(|c| c.measurement.endpoints_up >= 1))
+        .await;
     let c = reqwest::Client::new();
     for _ in 0..10 {
         get(&c, &edge, "app.test").await;
@@ -458,6 +463,21 @@ async fn the_dashboard_queries_only_metrics_a_running_edge_exports() {
     drop(tcp);
     edge.admin().drain("eu", &soft("1m")).await.expect("drain");
     edge.probe_round().await;
+    // The edge's own report comes back through etcd: the fleet gauges.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while edge.metric("cellgate_fleet_edges_alive") < 1.0
+        || !edge.metrics().contains("cellgate_fleet_cell_down_everywhere{")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no fleet metrics:\n{}",
+            edge.metrics()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(edge.metric("cellgate_fleet_connected"), 1.0);
+    assert_eq!(edge.metric("cellgate_fleet_writes_total{result=\"ok\"}"), 1.0);
+    assert_eq!(edge.metric("cellgate_fleet_cell_edges{cell=\"us\",view=\"up\"}"), 1.0);
 
     let scrape = edge.metrics();
     // Series name -> the label names it carries.
@@ -510,6 +530,12 @@ async fn the_dashboard_queries_only_metrics_a_running_edge_exports() {
         "cellgate_fail_open_total",
         "cellgate_passive_ejections_total",
         "cellgate_table_swaps_total",
+        "cellgate_fleet_connected",
+        "cellgate_fleet_edges_alive",
+        "cellgate_fleet_cell_edges",
+        "cellgate_fleet_cell_down_everywhere",
+        "cellgate_fleet_cell_in_flight",
+        "cellgate_fleet_cell_sticky_sessions",
     ] {
         assert!(used.contains(m), "the dashboard does not show {m}");
     }
