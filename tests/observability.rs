@@ -5,15 +5,17 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
 use cellgate_admin::contract::{CellStateView, DrainRequest};
 use cellgate_routing::DrainMode;
 use cellgate_testkit::{
-    browser::Browser, raw::RawPolicy, svc, DnsClient, DnsQuery, SimCells, TestEdge, Topology, DUBLIN, PATIENCE,
+    browser::Browser,
+    process::{Process, SERVING},
+    raw::RawPolicy,
+    svc, DnsClient, DnsQuery, SimCells, TestEdge, Topology, DUBLIN, PATIENCE,
 };
 use hickory_proto::rr::RecordType;
 
@@ -582,36 +584,12 @@ async fn run_and_log(cells: &SimCells, format: &str) -> Vec<String> {
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("edge.toml");
     std::fs::write(&path, t.to_toml()).expect("write");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cellgate"))
-        .args(["--log-format", format, "run", "--config"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let reader = std::thread::spawn(move || {
-        let mut all = Vec::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line.clone());
-            all.push(line);
-        }
-        all
-    });
-    let wait_for = async |rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>, what: &[&str]| {
-        tokio::time::timeout(PATIENCE, async {
-            while let Some(l) = rx.recv().await {
-                if what.iter().all(|w| l.contains(w)) {
-                    return;
-                }
-            }
-            panic!("cellgate exited before logging {what:?}");
-        })
-        .await
-        .unwrap_or_else(|_| panic!("no {what:?} within {PATIENCE:?}"))
-    };
-    wait_for(&mut rx, &["edge node serving"]).await;
+    let mut child = Process::spawn(
+        Command::new(env!("CARGO_BIN_EXE_cellgate"))
+            .args(["--log-format", format, "run", "--config"])
+            .arg(&path),
+    );
+    child.expect_line(&[SERVING]).await;
     let c = reqwest::Client::new();
     let ok = c
         .get(format!("http://{http}/hello"))
@@ -636,13 +614,11 @@ async fn run_and_log(cells: &SimCells, format: &str) -> Vec<String> {
         s.read_exact(&mut echo).await.expect("echo");
     }
     // The L4 line is written when the connection has closed.
-    wait_for(&mut rx, &["cellgate::access", "l4"]).await;
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    let status = tokio::task::spawn_blocking(move || child.wait().expect("wait"))
-        .await
-        .expect("join");
+    child.expect_line(&["cellgate::access", "l4"]).await;
+    child.signal("TERM");
+    let (status, lines) = child.wait().await;
     assert!(status.success(), "{status:?}");
-    reader.join().expect("reader")
+    lines
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
