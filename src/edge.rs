@@ -19,6 +19,10 @@ use rand::RngCore;
 use tokio::{net::TcpListener, runtime::Handle, sync::watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+/// How long a graceful stop leaves idle keep-alive connections open for a
+/// request already on its way (answered with `Connection: close`).
+const IDLE_DRAIN_WINDOW: Duration = Duration::from_secs(1);
+
 /// How to stop a running edge.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stop {
@@ -115,6 +119,7 @@ pub struct BoundEdge {
     fleet: Option<cellgate_fleet::FleetSync>,
     /// Duplicates of every listening socket, for the next upgrade.
     sockets: SocketSet,
+    certs: Option<Arc<CertStore>>,
     control: Option<Handle>,
     log_dropped: Option<Arc<dyn Fn() -> u64 + Send + Sync>>,
 }
@@ -176,10 +181,11 @@ impl Resources for EdgeResources {
             .map_err(|p| problems.push(p))
             .ok()
             .flatten();
-        let certs = cellgate_proxy::tls::load_certs(config)
+        let certs = cellgate_proxy::tls::load_certs(config, std::time::SystemTime::now())
             .map_err(|p| problems.extend(p))
             .ok()
             .flatten();
+        problems.extend(cellgate_proxy::tls::check_upstream_cas(config));
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -241,10 +247,11 @@ impl Edge {
             .map_err(|p| problems.push(p))
             .ok()
             .flatten();
-        let certs = cellgate_proxy::tls::load_certs(&config)
+        let certs = cellgate_proxy::tls::load_certs(&config, std::time::SystemTime::now())
             .map_err(|p| problems.extend(p))
             .ok()
             .flatten();
+        problems.extend(cellgate_proxy::tls::check_upstream_cas(&config));
         if !problems.is_empty() {
             return Err(cellgate_config::Error::Invalid {
                 file: config.source.clone(),
@@ -310,7 +317,8 @@ impl Edge {
             addrs.http = Some(l.local_addr()?);
             http.push(("http", l, None));
         }
-        let cert_store = certs.map(CertStore::new);
+        let metrics = Metrics::prometheus();
+        let cert_store = certs.map(|c| CertStore::new(c, metrics.clone()));
         if let (Some(tls), Some(store)) = (&config.listeners.https, &cert_store) {
             let l = listen(
                 tls.addr,
@@ -383,7 +391,6 @@ impl Edge {
         }
 
         // The control plane: prober and publisher.
-        let metrics = Metrics::prometheus();
         cellgate_admin::register_metrics(&metrics);
         let health = {
             let _guard = opts.control.as_ref().map(Handle::enter);
@@ -415,10 +422,9 @@ impl Edge {
             intent: Arc::new(Intent::new(
                 operator,
                 store,
-                fleet
-                    .as_ref()
-                    .zip(config.fleet.as_ref())
-                    .map(|(sync, f)| FleetLink::new(sync.writer(), sync.view(), f.partial_outage, f.lease_ttl * 2)),
+                fleet.as_ref().zip(config.fleet.as_ref()).map(|(sync, f)| {
+                    FleetLink::new(sync.writer(), sync.view(), f.partial_outage, f.lease_ttl * 2, &metrics)
+                }),
             )),
             edge: config.edge.name.clone(),
             tokens: ArcSwap::from_pointee(tokens),
@@ -435,13 +441,15 @@ impl Edge {
         for (name, listener, tls) in http {
             let app = cellgate_proxy::http_app(&config, snapshots.clone(), sticky.clone(), tls.is_some());
             apps.push(app.clone());
-            listeners.push(HttpListener {
+            listeners.push(HttpListener::new(
                 name,
                 listener,
                 tls,
                 app,
-                max_connections: config.proxy.max_connections,
-            });
+                &config.proxy,
+                snapshots.clone(),
+                &metrics,
+            ));
         }
         let l4_proxy = Arc::new(L4Proxy {
             snapshots: snapshots.clone(),
@@ -461,6 +469,7 @@ impl Edge {
             admin_listener,
             fleet,
             sockets,
+            certs: cert_store,
             control: opts.control,
             log_dropped: opts.log_dropped,
         })
@@ -515,7 +524,7 @@ impl BoundEdge {
         };
         let mut serving = Vec::new();
         for l in self.http {
-            tracing::info!(listener = l.name, addr = ?l.listener.local_addr().ok(), "http serving");
+            tracing::info!(listener = l.name(), addr = ?l.local_addr().ok(), "http serving");
             let (rx, conns, cancel) = (stop_rx.clone(), conns.clone(), cancel.clone());
             serving.push(tokio::spawn(l.serve(rx, conns, cancel)));
         }
@@ -563,6 +572,7 @@ impl BoundEdge {
             let metrics = self.metrics.clone();
             let dropped = self.log_dropped.clone();
             let counter = metrics.counter("cellgate_log_dropped_lines_total", &[]);
+            let certs = self.certs.clone();
             let mut rx = stop_rx.clone();
             spawn_control(Box::pin(async move {
                 loop {
@@ -571,6 +581,9 @@ impl BoundEdge {
                             metrics.upkeep();
                             if let Some(d) = &dropped {
                                 counter.absolute(d());
+                            }
+                            if let Some(c) = &certs {
+                                c.refresh(std::time::SystemTime::now());
                             }
                         }
                         _ = rx.wait_for(|s| *s) => return,
@@ -602,11 +615,20 @@ impl BoundEdge {
         let how = shutdown.await;
         tracing::info!(?how, "edge node stopping");
         let _ = stop_tx.send(true);
+        conns.close();
+        if how == Stop::Graceful {
+            // A keep-alive connection between two requests is not closed at
+            // once: a client may be sending on it right now, and closing
+            // would reset that request. Its next request is answered with
+            // `Connection: close` instead; what stays idle through the
+            // window is closed after it.
+            let window = self.config.proxy.grace_period.min(IDLE_DRAIN_WINDOW);
+            let _ = tokio::time::timeout(window, conns.wait()).await;
+        }
         for app in &self.apps {
             // Wakes keep-alive connections parked between requests.
             app.http_cleanup().await;
         }
-        conns.close();
         if how == Stop::Graceful {
             let grace = self.config.proxy.grace_period;
             if tokio::time::timeout(grace, conns.wait()).await.is_err() {

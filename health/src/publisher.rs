@@ -84,10 +84,7 @@ impl Health {
             None,
             1,
         );
-        let passive = PassiveSink {
-            threshold: config.passive.consecutive_failures,
-            tx: Some(eject_tx.clone()),
-        };
+        let passive = PassiveSink::new(&config.passive, eject_tx.clone());
         let layout = Arc::new(Layout::new(1, config.clone(), &metrics, passive, None));
         let snapshots = Arc::new(Snapshots::new(
             Snapshot {
@@ -373,10 +370,7 @@ impl Publisher {
         self.epoch += 1;
         self.tracker.reconfigure(config.clone());
         self.geo = geo;
-        let passive = PassiveSink {
-            threshold: config.passive.consecutive_failures,
-            tx: Some(self.eject_tx.clone()),
-        };
+        let passive = PassiveSink::new(&config.passive, self.eject_tx.clone());
         self.layout = Arc::new(Layout::new(
             self.epoch,
             config,

@@ -13,7 +13,7 @@ use std::{
 
 use cellgate_config::{ProxySettings, ServiceName, ShardKeySource};
 use cellgate_routing::{steer, CellIdx, CellState, DrainMode, EndpointKind, RouteQuery};
-use cellgate_snapshot::{metrics::L4_REJECTS, Clock, Snapshot, Snapshots, UpstreamOutcome};
+use cellgate_snapshot::{metrics::L4_REJECTS, Clock, Snapshot, Snapshots, Source, UpstreamOutcome};
 use rand::Rng;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -143,6 +143,7 @@ impl L4Proxy {
         // endpoint's passive health.
         let mut upstream = None;
         let mut retries = 0u32;
+        let source = Source::of(peer.ip());
         'cells: for cand in d.candidates() {
             let pool = table.cell(cand.cell).pool(EndpointKind::Tcp);
             let n = pool.len();
@@ -155,12 +156,13 @@ impl L4Proxy {
                     .await
                 {
                     Ok(Ok(s)) => {
-                        snapshot.report(idx, UpstreamOutcome::Success);
+                        snapshot.report(idx, UpstreamOutcome::Success, source);
                         upstream = Some((s, cand.cell, idx, cand.reason));
                         break 'cells;
                     }
-                    Ok(Err(_)) => snapshot.report(idx, UpstreamOutcome::ConnectFailure),
-                    Err(_) => snapshot.report(idx, UpstreamOutcome::Timeout),
+                    // A refusal and a connect timeout alike: the endpoint
+                    // did not take the connection.
+                    Ok(Err(_)) | Err(_) => snapshot.report(idx, UpstreamOutcome::ConnectFailure, source),
                 }
                 retries += 1;
             }

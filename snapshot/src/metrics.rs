@@ -235,6 +235,40 @@ pub const L4_REJECTS: [&str; 13] = [
     "upstream_write",
 ];
 
+/// Kinds of client misbehaviour counted in
+/// `cellgate_client_errors_total{kind}` (never logged above DEBUG).
+pub const CLIENT_ERRORS: [&str; 8] = [
+    "bad_request",
+    "head_too_large",
+    "too_many_headers",
+    "method_not_allowed",
+    "tls_handshake",
+    "h2_handshake",
+    "h2_rejected_stream",
+    "h2_too_many_rejected",
+];
+/// Indices into [`CLIENT_ERRORS`].
+pub mod client_error {
+    pub const BAD_REQUEST: usize = 0;
+    pub const HEAD_TOO_LARGE: usize = 1;
+    pub const TOO_MANY_HEADERS: usize = 2;
+    pub const METHOD_NOT_ALLOWED: usize = 3;
+    pub const TLS_HANDSHAKE: usize = 4;
+    pub const H2_HANDSHAKE: usize = 5;
+    pub const H2_REJECTED_STREAM: usize = 6;
+    pub const H2_TOO_MANY_REJECTED: usize = 7;
+}
+/// Client-side timeouts counted in `cellgate_client_timeouts_total{kind}`.
+pub const CLIENT_TIMEOUTS: [&str; 5] = ["header", "keepalive", "tls_handshake", "h2_idle", "h2_ping"];
+/// Indices into [`CLIENT_TIMEOUTS`].
+pub mod client_timeout {
+    pub const HEADER: usize = 0;
+    pub const KEEPALIVE: usize = 1;
+    pub const TLS_HANDSHAKE: usize = 2;
+    pub const H2_IDLE: usize = 3;
+    pub const H2_PING: usize = 4;
+}
+
 /// Handles that do not depend on the config: made once per edge.
 #[derive(Debug)]
 pub struct EdgeMetrics {
@@ -245,8 +279,13 @@ pub struct EdgeMetrics {
     /// `cellgate_dns_rrl_total{action="drop"}` and `{action="slip"}`.
     pub dns_rrl_dropped: Counter,
     pub dns_rrl_slipped: Counter,
+    /// `cellgate_responses_total{service="-",cell="-",class}`: responses
+    /// the proxy sent itself before or without choosing a cell.
+    pub unrouted_responses: [Counter; 6],
     /// `cellgate_requests_unrouted_total{status}`, by status code (0–599).
     unrouted: Box<[LazyCounter]>,
+    client_errors: Box<[LazyCounter]>,
+    client_timeouts: Box<[LazyCounter]>,
     dns_queries: Box<[LazyCounter]>,
     l4_rejected: Box<[LazyCounter]>,
 }
@@ -259,7 +298,15 @@ impl EdgeMetrics {
             prober_blind: metrics.gauge("cellgate_prober_blind", &[]),
             dns_rrl_dropped: metrics.counter("cellgate_dns_rrl_total", &[("action", "drop")]),
             dns_rrl_slipped: metrics.counter("cellgate_dns_rrl_total", &[("action", "slip")]),
+            unrouted_responses: STATUS_CLASSES.map(|class| {
+                metrics.counter(
+                    "cellgate_responses_total",
+                    &[("service", "-"), ("cell", "-"), ("class", class)],
+                )
+            }),
             unrouted: (0..600).map(|_| LazyCounter::default()).collect(),
+            client_errors: (0..CLIENT_ERRORS.len()).map(|_| LazyCounter::default()).collect(),
+            client_timeouts: (0..CLIENT_TIMEOUTS.len()).map(|_| LazyCounter::default()).collect(),
             dns_queries: (0..DNS_QTYPES.len() * DNS_RCODES.len())
                 .map(|_| LazyCounter::default())
                 .collect(),
@@ -274,6 +321,32 @@ impl EdgeMetrics {
         self.unrouted[i].get(|| {
             self.metrics
                 .counter("cellgate_requests_unrouted_total", &[("status", &status.to_string())])
+        })
+    }
+
+    /// A response the proxy sent itself without a cell (`status` 0: none):
+    /// counts it in `cellgate_responses_total{service="-",cell="-"}` and
+    /// `cellgate_requests_unrouted_total{status}`.
+    pub fn unrouted_response(&self, status: u16) {
+        self.unrouted_responses[status_class(status)].increment(1);
+        self.unrouted(status).increment(1);
+    }
+
+    /// Client misbehaviour of `kind` (index in [`CLIENT_ERRORS`]).
+    pub fn client_error(&self, kind: usize) -> &Counter {
+        let k = kind.min(CLIENT_ERRORS.len() - 1);
+        self.client_errors[k].get(|| {
+            self.metrics
+                .counter("cellgate_client_errors_total", &[("kind", CLIENT_ERRORS[k])])
+        })
+    }
+
+    /// A client-side timeout of `kind` (index in [`CLIENT_TIMEOUTS`]).
+    pub fn client_timeout(&self, kind: usize) -> &Counter {
+        let k = kind.min(CLIENT_TIMEOUTS.len() - 1);
+        self.client_timeouts[k].get(|| {
+            self.metrics
+                .counter("cellgate_client_timeouts_total", &[("kind", CLIENT_TIMEOUTS[k])])
         })
     }
 
