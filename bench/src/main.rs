@@ -45,7 +45,7 @@ enum Command {
         #[arg(long, default_value = "target/release/cellgate")]
         cellgate: PathBuf,
         /// Short durations and at most 200 requests/s (the flap and reload scenarios last 3 s and 2 s
-        /// instead of 60 s and 30 s).
+        /// instead of 30 s and 15 s).
         #[arg(long)]
         smoke: bool,
         /// Run only these scenarios (comma separated): kill, blackhole, slow, flap, drain, reload.

@@ -61,10 +61,10 @@ pub async fn run(cellgate: &Path, smoke: bool, only: &[String], rate: u32) -> an
     let p = Params {
         // Ten seconds fill the retry budget's window, as on an edge that
         // has been serving for a while.
-        baseline: Duration::from_millis(if smoke { 1500 } else { 10_000 }),
-        after: Duration::from_secs(if smoke { 2 } else { 6 }),
-        flap: Duration::from_secs(if smoke { 3 } else { 60 }),
-        reload: Duration::from_secs(if smoke { 2 } else { 30 }),
+        baseline: Duration::from_millis(if smoke { 1000 } else { 10_000 }),
+        after: Duration::from_millis(if smoke { 1500 } else { 6000 }),
+        flap: Duration::from_secs(if smoke { 3 } else { 30 }),
+        reload: Duration::from_secs(if smoke { 2 } else { 15 }),
         // A smoke run proves the code runs (on a debug build): light load.
         rate: if smoke { rate.min(200) } else { rate },
     };

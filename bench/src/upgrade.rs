@@ -586,6 +586,11 @@ enum Cut {
     Open,
 }
 
+/// The long-lived connections of one upgrade: when the old process
+/// released the sockets (its log line), and how each connection ended,
+/// with the echoes they made.
+type Handed = (Option<SystemTime>, (Vec<Cut>, u64));
+
 impl LongLived {
     async fn open(addr: SocketAddr, n: usize) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
@@ -666,7 +671,7 @@ fn print_report(
     udp: &[(Duration, DnsOutcome)],
     tcp: &[(Duration, DnsOutcome)],
     l4_new: &[(Duration, Option<String>)],
-    long_lived: &[(Option<SystemTime>, (Vec<Cut>, u64))],
+    long_lived: &[Handed],
     rounds: &[Round],
 ) {
     println!(
