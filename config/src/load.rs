@@ -102,6 +102,7 @@ impl Validator {
         let dns = self.dns(&raw.dns, &services, listeners.dns.is_some());
         let admin = self.admin(&raw.admin);
         let fleet = raw.fleet.as_ref().map(|f| self.fleet(f, &edge, &admin));
+        let tracing = raw.tracing.as_ref().and_then(|t| self.tracing(t));
         let sticky_secret = raw.sticky_secret.as_ref().and_then(|s| self.secret("sticky_secret", s));
         if sticky_secret.is_none() {
             if let Some((i, _)) = services.iter().enumerate().find(|(_, s)| s.sticky.is_some()) {
@@ -126,7 +127,76 @@ impl Validator {
             dns,
             admin,
             fleet,
+            tracing,
         }
+    }
+
+    /// `[tracing]`: every key is checked; `None` without `otlp_endpoint`.
+    fn tracing(&mut self, raw: &RawTracing) -> Option<Tracing> {
+        let mut d = Tracing::new(OtlpEndpoint::parse("http://127.0.0.1:4317")?);
+        if let Some(p) = raw.protocol {
+            d.protocol = match p {
+                RawOtlpProtocol::Grpc => OtlpProtocol::Grpc,
+                RawOtlpProtocol::Http => OtlpProtocol::Http,
+            };
+        }
+        if let Some(s) = raw.sampling {
+            if (0.0..=1.0).contains(&s) {
+                d.sampling = s;
+            } else {
+                self.problem(
+                    "tracing.sampling",
+                    format!("{s} is out of range: expected a share of new traces from 0 to 1"),
+                );
+            }
+        }
+        if let Some(n) = &raw.service_name {
+            if n.trim().is_empty() || n.chars().any(char::is_control) {
+                self.problem(
+                    "tracing.service_name",
+                    "expected a non-empty name without control characters",
+                );
+            } else {
+                d.service_name = n.clone();
+            }
+        }
+        if let Some(q) = raw.queue_size {
+            if (1..=1_000_000).contains(&q) {
+                d.queue_size = q as usize;
+            } else {
+                self.problem(
+                    "tracing.queue_size",
+                    format!("{q} is out of range: expected 1 to 1000000 (spans)"),
+                );
+            }
+        }
+        d.export_timeout = self.duration("tracing.export_timeout", raw.export_timeout.as_ref(), d.export_timeout);
+        if d.export_timeout.is_zero() {
+            self.problem("tracing.export_timeout", "must be greater than zero");
+        }
+        let url = raw.otlp_endpoint.as_deref()?;
+        match OtlpEndpoint::parse(url) {
+            Some(e) => d.otlp_endpoint = e,
+            None if url.starts_with("https://") => {
+                self.problem(
+                    "tracing.otlp_endpoint",
+                    format!("`{url}`: TLS to the collector is not supported: expected `http://host:port` (a collector on this host or its network)"),
+                );
+                return None;
+            }
+            None => {
+                let port = match d.protocol {
+                    OtlpProtocol::Grpc => 4317,
+                    OtlpProtocol::Http => 4318,
+                };
+                self.problem(
+                    "tracing.otlp_endpoint",
+                    format!("invalid collector address `{url}`: expected a URL like \"http://127.0.0.1:{port}\" (scheme, host and port, no path)"),
+                );
+                return None;
+            }
+        }
+        Some(d)
     }
 
     fn fleet(&mut self, raw: &RawFleet, edge: &Edge, admin: &Admin) -> Fleet {
