@@ -422,10 +422,9 @@ impl Edge {
             intent: Arc::new(Intent::new(
                 operator,
                 store,
-                fleet
-                    .as_ref()
-                    .zip(config.fleet.as_ref())
-                    .map(|(sync, f)| FleetLink::new(sync.writer(), sync.view(), f.partial_outage, f.lease_ttl * 2)),
+                fleet.as_ref().zip(config.fleet.as_ref()).map(|(sync, f)| {
+                    FleetLink::new(sync.writer(), sync.view(), f.partial_outage, f.lease_ttl * 2, &metrics)
+                }),
             )),
             edge: config.edge.name.clone(),
             tokens: ArcSwap::from_pointee(tokens),

@@ -192,16 +192,41 @@ async fn two_operators_racing_on_one_key_one_gets_409_with_the_current_value() {
     };
     // If-Match with the revision the winner got succeeds; a stale one fails.
     let rev = w.revision.expect("revision");
-    a.admin()
+    let DrainResponse::Drained(again) = a
+        .admin()
         .drain_if_match("eu", &soft(true), rev)
         .await
-        .expect("If-Match with the current revision");
+        .expect("If-Match with the current revision")
+    else {
+        panic!("not a drain")
+    };
     let e = a
         .admin()
         .drain_if_match("eu", &soft(true), rev)
         .await
         .expect_err("stale revision");
     assert_eq!(e.status, 409);
+    // An operator reads the key's revision from the cells' view, on either
+    // edge, once that edge has applied the write.
+    let now = again.revision.expect("revision");
+    for edge in [&a, &b] {
+        let deadline = Instant::now() + PATIENCE;
+        let revisions = loop {
+            let cells = edge.admin().cells().await.expect("cells");
+            let eu = cells.cells.iter().find(|c| c.id == "eu").expect("eu");
+            let r = eu.revisions.expect("revisions with a fleet");
+            if r.drain == now || Instant::now() > deadline {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(revisions.drain, now);
+        assert_eq!(revisions.weight, 0, "no weight was ever written");
+    }
+    b.admin()
+        .drain_if_match("eu", &soft(true), now)
+        .await
+        .expect("If-Match with the revision the cells' view showed");
 }
 
 /// A cell seen down by a majority of live edges is treated as down on

@@ -5,15 +5,17 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
 use cellgate_admin::contract::{CellStateView, DrainRequest};
 use cellgate_routing::DrainMode;
 use cellgate_testkit::{
-    browser::Browser, raw::RawPolicy, svc, DnsClient, DnsQuery, SimCells, TestEdge, Topology, DUBLIN, PATIENCE,
+    browser::Browser,
+    process::{Process, SERVING},
+    raw::RawPolicy,
+    svc, DnsClient, DnsQuery, SimCells, TestEdge, Topology, DUBLIN, PATIENCE,
 };
 use hickory_proto::rr::RecordType;
 
@@ -223,7 +225,7 @@ async fn status_page_charts_have_points_move_and_show_a_drain_within_two_seconds
             for _ in 0..(3 + (step * 7) % 11) {
                 get(fresh, edge, "api.test").await;
             }
-            if step % 2 == 0 {
+            if step.is_multiple_of(2) {
                 dns.ask(&DnsQuery::new("app.example.test.", RecordType::A)).await;
             }
         }
@@ -441,7 +443,12 @@ fn dashboard_queries(d: &serde_json::Value) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_queries_only_metrics_a_running_edge_exports() {
-    let (_cells, edge) = start().await;
+    // A fleet edge (on a real etcd), so the fleet panels are checked too.
+    let etcd = cellgate_testkit::etcd::Etcd::start().await;
+    let cells = SimCells::start(&["eu", "us", "ap", "eu-b"]).await;
+    let edge = TestEdge::start(&topology(&cells, dead_addr()).fleet(&etcd.url(), "edge-a")).await;
+    edge.probe_until(20, |s| s.table.cells.iter().all(|c| c.measurement.endpoints_up >= 1))
+        .await;
     let c = reqwest::Client::new();
     for _ in 0..10 {
         get(&c, &edge, "app.test").await;
@@ -458,6 +465,21 @@ async fn the_dashboard_queries_only_metrics_a_running_edge_exports() {
     drop(tcp);
     edge.admin().drain("eu", &soft("1m")).await.expect("drain");
     edge.probe_round().await;
+    // The edge's own report comes back through etcd: the fleet gauges.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while edge.metric("cellgate_fleet_edges_alive") < 1.0
+        || !edge.metrics().contains("cellgate_fleet_cell_down_everywhere{")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no fleet metrics:\n{}",
+            edge.metrics()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(edge.metric("cellgate_fleet_connected"), 1.0);
+    assert_eq!(edge.metric("cellgate_fleet_writes_total{result=\"ok\"}"), 1.0);
+    assert_eq!(edge.metric("cellgate_fleet_cell_edges{cell=\"us\",view=\"up\"}"), 1.0);
 
     let scrape = edge.metrics();
     // Series name -> the label names it carries.
@@ -510,6 +532,12 @@ async fn the_dashboard_queries_only_metrics_a_running_edge_exports() {
         "cellgate_fail_open_total",
         "cellgate_passive_ejections_total",
         "cellgate_table_swaps_total",
+        "cellgate_fleet_connected",
+        "cellgate_fleet_edges_alive",
+        "cellgate_fleet_cell_edges",
+        "cellgate_fleet_cell_down_everywhere",
+        "cellgate_fleet_cell_in_flight",
+        "cellgate_fleet_cell_sticky_sessions",
     ] {
         assert!(used.contains(m), "the dashboard does not show {m}");
     }
@@ -556,36 +584,12 @@ async fn run_and_log(cells: &SimCells, format: &str) -> Vec<String> {
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("edge.toml");
     std::fs::write(&path, t.to_toml()).expect("write");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cellgate"))
-        .args(["--log-format", format, "run", "--config"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let reader = std::thread::spawn(move || {
-        let mut all = Vec::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line.clone());
-            all.push(line);
-        }
-        all
-    });
-    let wait_for = async |rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>, what: &[&str]| {
-        tokio::time::timeout(PATIENCE, async {
-            while let Some(l) = rx.recv().await {
-                if what.iter().all(|w| l.contains(w)) {
-                    return;
-                }
-            }
-            panic!("cellgate exited before logging {what:?}");
-        })
-        .await
-        .unwrap_or_else(|_| panic!("no {what:?} within {PATIENCE:?}"))
-    };
-    wait_for(&mut rx, &["edge node serving"]).await;
+    let mut child = Process::spawn(
+        Command::new(env!("CARGO_BIN_EXE_cellgate"))
+            .args(["--log-format", format, "run", "--config"])
+            .arg(&path),
+    );
+    child.expect_line(&[SERVING]).await;
     let c = reqwest::Client::new();
     let ok = c
         .get(format!("http://{http}/hello"))
@@ -610,13 +614,11 @@ async fn run_and_log(cells: &SimCells, format: &str) -> Vec<String> {
         s.read_exact(&mut echo).await.expect("echo");
     }
     // The L4 line is written when the connection has closed.
-    wait_for(&mut rx, &["cellgate::access", "l4"]).await;
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    let status = tokio::task::spawn_blocking(move || child.wait().expect("wait"))
-        .await
-        .expect("join");
+    child.expect_line(&["cellgate::access", "l4"]).await;
+    child.signal("TERM");
+    let (status, lines) = child.wait().await;
     assert!(status.success(), "{status:?}");
-    reader.join().expect("reader")
+    lines
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,27 +1,18 @@
 //! `cellgate run` as a process: signals and exit codes. Everything else is
 //! tested on edges started in-process (`cellgate-testkit`).
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
-    sync::{Arc, Mutex},
-    time::Duration,
+use std::{process::Command, time::Duration};
+
+use cellgate_testkit::{
+    process::{Process, SERVING},
+    raw::RawPolicy,
+    svc, SimCells, Topology, PATIENCE,
 };
 
-use cellgate_testkit::{raw::RawPolicy, svc, SimCells, Topology, PATIENCE};
-
-/// Every line the child wrote to standard error so far.
-type Lines = Arc<Mutex<Vec<String>>>;
-
-/// Starts `cellgate run` on `topology` (its HTTP listener on a port picked
-/// here) and waits until it serves; returns the child and the address.
-async fn spawn(topology: Topology, dir: &std::path::Path) -> (std::process::Child, std::net::SocketAddr) {
-    let (child, addr, _) = spawn_logged(topology, dir).await;
-    (child, addr)
-}
-
-/// [`spawn`], keeping the child's log lines.
-async fn spawn_logged(topology: Topology, dir: &std::path::Path) -> (std::process::Child, std::net::SocketAddr, Lines) {
+/// Starts `cellgate --log-format json run` on `topology` (its HTTP
+/// listener on a port picked here) and waits until it serves; returns the
+/// process and the address.
+async fn spawn(topology: Topology, dir: &std::path::Path) -> (Process, std::net::SocketAddr) {
     // The binary binds what the config says: a port 0 listener could not be
     // found from outside, so pick one (and retry if it is taken meanwhile).
     for _ in 0..5 {
@@ -31,35 +22,15 @@ async fn spawn_logged(topology: Topology, dir: &std::path::Path) -> (std::proces
         let t = topology.clone().with(|r| r.listeners.http = Some(addr.to_string()));
         let path = dir.join("edge.toml");
         std::fs::write(&path, t.to_toml()).expect("write");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cellgate"))
-            .args(["--log-format", "json", "run", "--config"])
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let lines = Lines::default();
-        let kept = lines.clone();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("edge node serving") {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                kept.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-            }
-        });
-        match tokio::time::timeout(PATIENCE, rx).await {
-            Ok(Ok(())) => return (child, addr, lines),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+        let mut p = Process::spawn(
+            Command::new(env!("CARGO_BIN_EXE_cellgate"))
+                .args(["--log-format", "json", "run", "--config"])
+                .arg(&path),
+        );
+        if p.wait_for(&[SERVING]).await {
+            return (p, addr);
         }
+        p.kill();
     }
     panic!("cellgate run did not start");
 }
@@ -71,7 +42,7 @@ async fn sigterm_lets_in_flight_requests_finish_and_exits_zero() {
         svc::hosts(s, &["fo.test"])
     });
     let dir = tempfile::tempdir().expect("dir");
-    let (mut child, addr) = spawn(t, dir.path()).await;
+    let (child, addr) = spawn(t, dir.path()).await;
     cells.control("eu", "/latency?ms=500").await;
     let inflight = tokio::spawn(async move {
         reqwest::Client::new()
@@ -89,11 +60,8 @@ async fn sigterm_lets_in_flight_requests_finish_and_exits_zero() {
     tokio::time::timeout(PATIENCE, at_cell)
         .await
         .expect("request reached the cell");
-    let pid = child.id().to_string();
-    let _ = Command::new("kill").args(["-TERM", &pid]).status();
-    let status = tokio::task::spawn_blocking(move || child.wait().expect("wait"))
-        .await
-        .expect("join");
+    child.signal("TERM");
+    let (status, _) = child.wait().await;
     assert_eq!(inflight.await.expect("join").expect("response"), 200);
     assert!(status.success(), "{status:?}");
 }
@@ -123,7 +91,7 @@ async fn client_misbehaviour_gets_access_lines_and_no_error_lines() {
         svc::hosts(s, &["app.test"])
     });
     let dir = tempfile::tempdir().expect("dir");
-    let (mut child, addr, lines) = spawn_logged(t, dir.path()).await;
+    let (mut child, addr) = spawn(t, dir.path()).await;
     let big = format!(
         "GET / HTTP/1.1\r\nHost: app.test\r\nX-Big: {}\r\n\r\n",
         "a".repeat(70_000)
@@ -172,17 +140,9 @@ async fn client_misbehaviour_gets_access_lines_and_no_error_lines() {
     )
     .await;
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
-    let logged = async {
-        while !lines.lock().expect("lock").iter().any(|l| l.contains("/done")) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(PATIENCE, logged)
-        .await
-        .expect("access line of the last request");
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
-    let lines = lines.lock().expect("lock").clone();
+    child.expect_line(&["/done"]).await;
+    child.signal("TERM");
+    let (_, lines) = child.wait().await;
     let errors: Vec<&String> = lines
         .iter()
         .filter(|l| l.contains(r#""level":"ERROR""#) || (l.contains(r#""level":"WARN""#) && l.contains("pingora")))

@@ -4,9 +4,8 @@
 //! before the old process's grace period.
 
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -14,7 +13,11 @@ use std::{
     time::Duration,
 };
 
-use cellgate_testkit::{raw::RawPolicy, svc, DnsClient, DnsQuery, SimCells, Topology, PATIENCE};
+use cellgate_testkit::{
+    process::{Process, SERVING},
+    raw::RawPolicy,
+    svc, DnsClient, DnsQuery, SimCells, Topology, PATIENCE,
+};
 use hickory_proto::rr::RecordType;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
@@ -29,36 +32,16 @@ fn free(udp_too: bool) -> SocketAddr {
     }
 }
 
-/// Spawns `cellgate run` (with `--upgrade` when asked); returns the child
-/// and a receiver that fires once its log says it serves.
-fn spawn(
-    config: &std::path::Path,
-    socket: &std::path::Path,
-    upgrade: bool,
-) -> (Child, tokio::sync::oneshot::Receiver<()>) {
+/// Spawns `cellgate run` (with `--upgrade` when asked).
+fn spawn(config: &std::path::Path, socket: &std::path::Path, upgrade: bool) -> Process {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cellgate"));
     cmd.args(["--log-format", "json", "run", "--access-log", "off", "--config"])
         .arg(config)
-        .env("CELLGATE_UPGRADE_SOCKET", socket)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .env("CELLGATE_UPGRADE_SOCKET", socket);
     if upgrade {
         cmd.arg("--upgrade");
     }
-    let mut child = cmd.spawn().expect("spawn cellgate");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("edge node serving") {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(());
-                }
-            }
-        }
-    });
-    (child, rx)
+    Process::spawn(&mut cmd)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,11 +71,8 @@ async fn an_upgrade_under_load_loses_nothing() {
     let config = dir.path().join("edge.toml");
     std::fs::write(&config, t.to_toml()).expect("config");
     let socket = dir.path().join("upgrade.sock");
-    let (mut old, ready) = spawn(&config, &socket, false);
-    tokio::time::timeout(PATIENCE, ready)
-        .await
-        .expect("old serves")
-        .expect("log");
+    let mut old = spawn(&config, &socket, false);
+    old.expect_line(&[SERVING]).await;
 
     // Load: HTTP on new and on kept-alive connections, DNS over UDP and TCP.
     let stop = Arc::new(AtomicBool::new(false));
@@ -158,7 +138,7 @@ async fn an_upgrade_under_load_loses_nothing() {
     tokio::time::timeout(PATIENCE, warm).await.expect("load runs");
 
     // The upgrade: start the new process, then SIGQUIT the old one.
-    let (mut new, new_ready) = spawn(&config, &socket, true);
+    let mut new = spawn(&config, &socket, true);
     let listening = async {
         while !socket.exists() {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -167,11 +147,8 @@ async fn an_upgrade_under_load_loses_nothing() {
     tokio::time::timeout(PATIENCE, listening)
         .await
         .expect("the new process waits for the sockets");
-    let _ = Command::new("kill").args(["-QUIT", &old.id().to_string()]).status();
-    tokio::time::timeout(PATIENCE, new_ready)
-        .await
-        .expect("new serves")
-        .expect("log");
+    old.signal("QUIT");
+    new.expect_line(&[SERVING]).await;
     // The old process drains: the L4 connection still works during its
     // grace period.
     let mut buf = [0u8; 6];
@@ -189,9 +166,7 @@ async fn an_upgrade_under_load_loses_nothing() {
     tokio::time::timeout(PATIENCE, more)
         .await
         .expect("load goes on through the new process");
-    let old_status = tokio::task::spawn_blocking(move || old.wait().expect("wait"))
-        .await
-        .expect("join");
+    let (old_status, _) = old.wait().await;
     assert!(
         old_status.success(),
         "the old process exits cleanly after its grace: {old_status:?}"
@@ -200,8 +175,7 @@ async fn an_upgrade_under_load_loses_nothing() {
     for l in load {
         l.await.expect("load task");
     }
-    let _ = new.kill();
-    let _ = new.wait();
+    new.kill();
     eprintln!(
         "upgrade under load: {} ok, {} failed (HTTP new and kept-alive connections, DNS over UDP and TCP)",
         ok.load(Ordering::SeqCst),

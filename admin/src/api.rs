@@ -227,17 +227,29 @@ pub(crate) fn cell_view(s: &Snapshot, i: CellIdx, now: Timestamp) -> CellView {
             sticky_requests_10m: tr.map_or(0, |t| t.sticky.sum(now_s)),
             dns_answers_10s: tr.map_or(0, |t| t.dns_answers.sum(now_s)),
         },
+        revisions: None,
     }
 }
 
 async fn cells(State(a): Shared) -> Json<CellsView> {
     let s = a.snapshots.load_full();
     let now = a.now();
+    let fleet = a.intent.fleet.as_ref().map(|f| f.view.borrow().intent.clone());
     Json(CellsView {
         generation: s.generation(),
         prober_blind: s.table.prober_blind,
         cells: (0..s.table.cells.len())
-            .map(|i| cell_view(&s, CellIdx(i as u32), now))
+            .map(|i| {
+                let mut v = cell_view(&s, CellIdx(i as u32), now);
+                v.revisions = fleet.as_ref().map(|f| {
+                    let id = s.table.cell(CellIdx(i as u32)).id.clone();
+                    CellRevisions {
+                        drain: f.mod_revision(&IntentKey::Drain(id.clone())),
+                        weight: f.mod_revision(&IntentKey::Weight(id)),
+                    }
+                });
+                v
+            })
             .collect(),
     })
 }
@@ -773,6 +785,12 @@ async fn list_pins(State(a): Shared, Path(service): Path<String>) -> ApiResult<P
     let config = a.config.load_full();
     service_spec(&config, &service)?;
     let op = a.intent.effective();
+    let fleet = a.intent.fleet.as_ref().map(|f| f.view.borrow().intent.clone());
+    let revision = |key: &str| {
+        fleet
+            .as_ref()
+            .map(|f| f.mod_revision(&IntentKey::Pin(ServiceName::new(&service), key.to_owned())))
+    };
     let mut pins: Vec<PinView> = config
         .pins
         .iter()
@@ -782,6 +800,7 @@ async fn list_pins(State(a): Shared, Path(service): Path<String>) -> ApiResult<P
             key: p.key.clone(),
             cell: p.cell.to_string(),
             source: PinSource::Config,
+            revision: revision(&p.key),
         })
         .collect();
     if let Some(keys) = op.pins.0.get(service.as_str()) {
@@ -789,6 +808,7 @@ async fn list_pins(State(a): Shared, Path(service): Path<String>) -> ApiResult<P
             key: k.clone(),
             cell: c.to_string(),
             source: PinSource::Operator,
+            revision: revision(k),
         }));
     }
     Ok(Json(PinsView { service, pins }))

@@ -198,6 +198,18 @@ pub struct CellView {
     pub weight: f64,
     pub drain: Option<DrainView>,
     pub traffic: TrafficView,
+    /// With a fleet: the etcd revisions of this cell's drain and weight
+    /// keys, what a change names in `If-Match` to be refused (409) should
+    /// another operator have changed the key since it was read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revisions: Option<CellRevisions>,
+}
+
+/// The etcd `mod_revision` of a cell's keys; 0: the key does not exist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CellRevisions {
+    pub drain: i64,
+    pub weight: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -356,6 +368,10 @@ pub struct PinView {
     pub key: String,
     pub cell: String,
     pub source: PinSource,
+    /// With a fleet: the etcd revision of this key's pin (0: none in
+    /// etcd), for `If-Match`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<i64>,
 }
 
 /// `PUT /api/v1/shards/{service}/{key}`.

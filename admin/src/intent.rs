@@ -15,6 +15,8 @@ use cellgate_config::PartialOutage;
 use cellgate_fleet::{Change, Expect, FleetHealth, FleetView, FleetWriter};
 use cellgate_health::Health;
 use cellgate_routing::{Drain, OperatorState, Pins, Timestamp};
+use cellgate_snapshot::Metrics;
+use metrics::{Counter, Gauge};
 use tokio::sync::{watch, Notify};
 
 use crate::{OperatorCell, OperatorStore, StoreError};
@@ -83,16 +85,98 @@ pub struct FleetLink {
     pub max_age: Duration,
     /// The fleet revision this edge's table has applied.
     applied: watch::Sender<i64>,
+    metrics: FleetMetrics,
+}
+
+/// The fleet as this edge sees it, in `cellgate_fleet_*` metrics.
+#[derive(Debug)]
+struct FleetMetrics {
+    metrics: Metrics,
+    connected: Gauge,
+    revision: Gauge,
+    edges_alive: Gauge,
+    writes_ok: Counter,
+    writes_conflict: Counter,
+    writes_unavailable: Counter,
+    writes_error: Counter,
+}
+
+impl FleetMetrics {
+    fn new(metrics: &Metrics) -> Self {
+        let write = |result| metrics.counter("cellgate_fleet_writes_total", &[("result", result)]);
+        Self {
+            metrics: metrics.clone(),
+            connected: metrics.gauge("cellgate_fleet_connected", &[]),
+            revision: metrics.gauge("cellgate_fleet_revision", &[]),
+            edges_alive: metrics.gauge("cellgate_fleet_edges_alive", &[]),
+            writes_ok: write("ok"),
+            writes_conflict: write("conflict"),
+            writes_unavailable: write("unavailable"),
+            writes_error: write("error"),
+        }
+    }
+
+    fn write(&self, r: &Result<cellgate_fleet::Applied, cellgate_fleet::Error>) {
+        use cellgate_fleet::Error;
+        match r {
+            Ok(_) => &self.writes_ok,
+            Err(Error::Conflict(_)) => &self.writes_conflict,
+            Err(Error::Unavailable { .. }) => &self.writes_unavailable,
+            Err(_) => &self.writes_error,
+        }
+        .increment(1);
+    }
+
+    fn view(&self, link_live: bool, revision: i64) {
+        self.connected.set(if link_live { 1.0 } else { 0.0 });
+        self.revision.set(revision as f64);
+    }
+
+    /// Per cell: how many live edges see it up, down or not yet; whether
+    /// the partial-outage rule holds it down everywhere; the fleet's summed
+    /// in-flight requests, sticky sessions and requests/s (a drain's
+    /// progress over every edge).
+    fn health(&self, h: &FleetHealth, rule: PartialOutage) {
+        self.edges_alive.set(h.alive() as f64);
+        for c in &h.cells {
+            let cell = c.cell.as_str();
+            for (view, n) in [("up", c.up), ("down", c.down), ("unknown", c.unknown)] {
+                self.metrics
+                    .gauge("cellgate_fleet_cell_edges", &[("cell", cell), ("view", view)])
+                    .set(n as f64);
+            }
+            let down = if c.down_everywhere(rule) { 1.0 } else { 0.0 };
+            self.metrics
+                .gauge("cellgate_fleet_cell_down_everywhere", &[("cell", cell)])
+                .set(down);
+            self.metrics
+                .gauge("cellgate_fleet_cell_in_flight", &[("cell", cell)])
+                .set(c.in_flight as f64);
+            self.metrics
+                .gauge("cellgate_fleet_cell_sticky_sessions", &[("cell", cell)])
+                .set(c.sticky_sessions as f64);
+            self.metrics
+                .gauge("cellgate_fleet_cell_requests_per_second", &[("cell", cell)])
+                .set(c.requests_per_s);
+        }
+    }
 }
 
 impl FleetLink {
-    pub fn new(writer: FleetWriter, view: watch::Receiver<FleetView>, rule: PartialOutage, max_age: Duration) -> Self {
+    pub fn new(
+        writer: FleetWriter,
+        view: watch::Receiver<FleetView>,
+        rule: PartialOutage,
+        max_age: Duration,
+        metrics: &Metrics,
+    ) -> Self {
         Self {
             writer,
             view,
             rule,
             max_age,
             applied: watch::Sender::new(0),
+            metrics: FleetMetrics::new(metrics),
         }
     }
 
@@ -188,7 +272,9 @@ impl Intent {
         let Some(fleet) = &self.fleet else {
             return Ok(None);
         };
-        let applied = fleet.writer.apply(change, expect, by).await?;
+        let applied = fleet.writer.apply(change, expect, by).await;
+        fleet.metrics.write(&applied);
+        let applied = applied?;
         if !fleet.applied(applied.revision, Duration::from_secs(10)).await {
             tracing::warn!(
                 revision = applied.revision,
@@ -210,6 +296,7 @@ impl Intent {
         loop {
             let (intent, reports, revision) = {
                 let v = view.borrow_and_update();
+                fleet.metrics.view(v.link.is_live(), v.revision);
                 (v.intent.clone(), v.reports.clone(), v.revision)
             };
             if last_intent.as_ref().is_none_or(|l| !Arc::ptr_eq(l, &intent)) {
@@ -223,6 +310,7 @@ impl Intent {
                 // Reports carry wall-clock times.
                 let h = FleetHealth::aggregate(reports.values(), cellgate_fleet::now(), fleet.max_age);
                 health.set_fleet_down(h.down_everywhere(fleet.rule).into_iter().collect());
+                fleet.metrics.health(&h, fleet.rule);
                 last_reports = Some(reports);
             }
             tokio::select! {

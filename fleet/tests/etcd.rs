@@ -74,6 +74,16 @@ fn sync(url: &str, name: &str) -> FleetSync {
     FleetSync::start(store(url, name), None, None)
 }
 
+/// An etcd, edge A's store on it, and edge B's sync through a relay the
+/// test can cut.
+async fn relayed() -> (Etcd, Relay, FleetStore, FleetSync) {
+    let etcd = Etcd::start().await;
+    let relay = Relay::start(etcd.client).await;
+    let a = store(&etcd.url(), "edge-a");
+    let b = sync(&relay.url(), "edge-b");
+    (etcd, relay, a, b)
+}
+
 fn drained(v: &FleetView, cell: &str) -> bool {
     v.intent.operator_state().drains.contains_key(cell)
 }
@@ -355,12 +365,8 @@ async fn etcd_down_keeps_the_last_state_refuses_writes_fast_and_converges_when_b
 
 #[tokio::test]
 async fn a_watch_whose_revision_was_compacted_during_a_disconnect_reads_everything_again() {
-    let etcd = Etcd::start().await;
-    let relay = Relay::start(etcd.client).await;
-    let a = store(&etcd.url(), "edge-a");
-    let b = sync(&relay.url(), "edge-b");
-    let mut bv = b.view();
-    let mut events = b.events();
+    let (_etcd, relay, a, b) = relayed().await;
+    let (mut bv, mut events) = (b.view(), b.events());
     let now = cellgate_fleet::now;
     let d = a
         .apply(&drain("eu"), Expect::Revision(0), &actor("edge-a"), now())
@@ -427,12 +433,8 @@ async fn a_watch_whose_revision_was_compacted_during_a_disconnect_reads_everythi
 
 #[tokio::test]
 async fn a_short_disconnect_resumes_the_watch_without_a_full_read() {
-    let etcd = Etcd::start().await;
-    let relay = Relay::start(etcd.client).await;
-    let a = store(&etcd.url(), "edge-a");
-    let b = sync(&relay.url(), "edge-b");
-    let mut bv = b.view();
-    let mut events = b.events();
+    let (_etcd, relay, a, b) = relayed().await;
+    let (mut bv, mut events) = (b.view(), b.events());
     until(&mut bv, "edge b live", |v| v.link.is_live()).await;
     relay.cut();
     event(&mut events, "disconnected", |e| {

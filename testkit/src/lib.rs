@@ -19,6 +19,7 @@ mod dns;
 mod edge;
 pub mod etcd;
 pub mod mmdb;
+pub mod process;
 mod topology;
 pub mod wire;
 
