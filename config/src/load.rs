@@ -170,6 +170,20 @@ impl Validator {
                 );
             }
         }
+        d.export_interval = self.duration(
+            "tracing.export_interval",
+            raw.export_interval.as_ref(),
+            d.export_interval,
+        );
+        if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&d.export_interval) {
+            self.problem(
+                "tracing.export_interval",
+                format!(
+                    "{} is out of range: expected 10ms to 1m",
+                    humantime::format_duration(d.export_interval)
+                ),
+            );
+        }
         d.export_timeout = self.duration("tracing.export_timeout", raw.export_timeout.as_ref(), d.export_timeout);
         if d.export_timeout.is_zero() {
             self.problem("tracing.export_timeout", "must be greater than zero");

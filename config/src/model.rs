@@ -596,6 +596,9 @@ pub struct Tracing {
     /// Finished spans waiting for export; more are dropped, never waited
     /// for.
     pub queue_size: usize,
+    /// Finished spans are sent at least this often (and whenever 512 are
+    /// waiting).
+    pub export_interval: Duration,
     /// Longest one export to the collector may take.
     pub export_timeout: Duration,
 }
@@ -611,6 +614,7 @@ impl Tracing {
             sampling: 1.0,
             service_name: Self::DEFAULT_SERVICE_NAME.into(),
             queue_size: 8192,
+            export_interval: Duration::from_secs(5),
             export_timeout: Duration::from_secs(5),
         }
     }

@@ -52,6 +52,7 @@ pub struct RawTracing {
     pub sampling: Option<f64>,
     pub service_name: Option<String>,
     pub queue_size: Option<u32>,
+    pub export_interval: Option<String>,
     pub export_timeout: Option<String>,
 }
 

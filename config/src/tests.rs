@@ -699,7 +699,7 @@ fn tracing_defaults_and_settings() {
     );
     assert_eq!(t.export_timeout, std::time::Duration::from_secs(5));
     let c = parse_str(&format!(
-        "{BASE}\n[tracing]\notlp_endpoint = \"http://[::1]:4318/\"\nprotocol = \"http\"\nsampling = 0.01\nservice_name = \"edge-proxy\"\nqueue_size = 100\nexport_timeout = \"2s\"\n"
+        "{BASE}\n[tracing]\notlp_endpoint = \"http://[::1]:4318/\"\nprotocol = \"http\"\nsampling = 0.01\nservice_name = \"edge-proxy\"\nqueue_size = 100\nexport_interval = \"100ms\"\nexport_timeout = \"2s\"\n"
     ))
     .expect("valid");
     let t = c.tracing.expect("on");
@@ -708,6 +708,7 @@ fn tracing_defaults_and_settings() {
         (t.protocol, t.sampling, t.service_name.as_str(), t.queue_size),
         (OtlpProtocol::Http, 0.01, "edge-proxy", 100)
     );
+    assert_eq!(t.export_interval, std::time::Duration::from_millis(100));
     let c = parse_str(&format!(
         "{BASE}\n[tracing]\notlp_endpoint = \"http://otel-collector.internal:4317\"\n"
     ))
