@@ -11,7 +11,7 @@ use cellgate_admin::{Admin, FleetLink, Intent, Prepared, Resources};
 use cellgate_config::{Config, Problem, SecretSource};
 use cellgate_handoff::{SocketName, SocketSet};
 use cellgate_health::{Health, Inputs, NetworkProbe, Probe};
-use cellgate_proxy::{listen::HttpListener, tls::CertStore, Binding, HttpApp, L4Proxy};
+use cellgate_proxy::{listen::HttpListener, tls::CertStore, trace::Tracing, Binding, HttpApp, L4Proxy};
 use cellgate_routing::{OperatorState, StickyKey};
 use cellgate_snapshot::{Clock, Metrics, Snapshots};
 use pingora::{apps::HttpServerApp, listeners::tls::Acceptor};
@@ -120,6 +120,7 @@ pub struct BoundEdge {
     /// Duplicates of every listening socket, for the next upgrade.
     sockets: SocketSet,
     certs: Option<Arc<CertStore>>,
+    tracing: Arc<Tracing>,
     control: Option<Handle>,
     log_dropped: Option<Arc<dyn Fn() -> u64 + Send + Sync>>,
 }
@@ -172,6 +173,7 @@ pub fn sticky_key(config: &Config) -> anyhow::Result<Option<StickyKey>> {
 /// certificates. Problems carry the config's key paths.
 struct EdgeResources {
     certs: Option<Arc<CertStore>>,
+    tracing: Arc<Tracing>,
 }
 
 impl Resources for EdgeResources {
@@ -186,16 +188,25 @@ impl Resources for EdgeResources {
             .ok()
             .flatten();
         problems.extend(cellgate_proxy::tls::check_upstream_cas(config));
+        // A new collector, sampling or queue applies to requests that
+        // start after the reload; the old exporter sends what it holds.
+        let tracing = self
+            .tracing
+            .prepare(config.tracing.as_ref())
+            .map_err(|p| problems.push(p))
+            .unwrap_or_default();
         if !problems.is_empty() {
             return Err(problems);
         }
         let store = self.certs.clone();
+        let tracer = self.tracing.clone();
         Ok(Prepared {
             geo,
             commit: Box::new(move || {
                 if let (Some(store), Some(certs)) = (store, certs) {
                     store.replace(certs);
                 }
+                tracer.apply(tracing);
             }),
         })
     }
@@ -318,6 +329,16 @@ impl Edge {
             http.push(("http", l, None));
         }
         let metrics = Metrics::prometheus();
+        // The exporter's I/O runs on the control plane's runtime.
+        let tracing = {
+            let _guard = opts.control.as_ref().map(Handle::enter);
+            Tracing::start(config.tracing.as_ref(), &config.edge.name, &metrics).map_err(|p| {
+                cellgate_config::Error::Invalid {
+                    file: config.source.clone(),
+                    problems: vec![p],
+                }
+            })?
+        };
         let cert_store = certs.map(|c| CertStore::new(c, metrics.clone()));
         if let (Some(tls), Some(store)) = (&config.listeners.https, &cert_store) {
             let l = listen(
@@ -433,13 +454,20 @@ impl Edge {
             sticky: sticky.clone(),
             resources: Arc::new(EdgeResources {
                 certs: cert_store.clone(),
+                tracing: tracing.clone(),
             }),
             history: Arc::new(cellgate_admin::History::default()),
         });
         let mut listeners = Vec::new();
         let mut apps = Vec::new();
         for (name, listener, tls) in http {
-            let app = cellgate_proxy::http_app(&config, snapshots.clone(), sticky.clone(), tls.is_some());
+            let app = cellgate_proxy::http_app(
+                &config,
+                snapshots.clone(),
+                sticky.clone(),
+                tls.is_some(),
+                tracing.clone(),
+            );
             apps.push(app.clone());
             listeners.push(HttpListener::new(
                 name,
@@ -454,6 +482,7 @@ impl Edge {
         let l4_proxy = Arc::new(L4Proxy {
             snapshots: snapshots.clone(),
             settings: config.proxy.clone(),
+            tracing: tracing.clone(),
         });
         Ok(BoundEdge {
             addrs,
@@ -470,6 +499,7 @@ impl Edge {
             fleet,
             sockets,
             certs: cert_store,
+            tracing,
             control: opts.control,
             log_dropped: opts.log_dropped,
         })
@@ -642,6 +672,16 @@ impl BoundEdge {
         let _ = tokio::time::timeout(Duration::from_secs(1), conns.wait()).await;
         if let Some(dns) = dns {
             dns.shutdown().await;
+        }
+        {
+            // The spans of the last requests go out (bounded by the
+            // export timeout).
+            let tracing = self.tracing.clone();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(10),
+                tokio::task::spawn_blocking(move || tracing.shutdown()),
+            )
+            .await;
         }
         if let Some(sync) = self.fleet {
             // Revokes the lease: this edge's report leaves the fleet view.
