@@ -13,6 +13,8 @@
 //! exporter (or turns tracing on or off) for requests that start after it.
 
 pub mod context;
+#[cfg(test)]
+mod tests;
 
 use std::{
     borrow::Cow,
@@ -181,11 +183,16 @@ impl Tracing {
 
     /// Tracing on with `settings`, spans handed to `exporter` instead of
     /// a collector (for benchmarks and tests of the request hooks).
-    pub fn with_exporter<E: SpanExporter + 'static>(settings: &Settings, edge: &str, exporter: E) -> Arc<Self> {
+    pub fn with_exporter<E: SpanExporter + 'static>(
+        settings: &Settings,
+        edge: &str,
+        exporter: E,
+        metrics: &Metrics,
+    ) -> Arc<Self> {
         let t = Arc::new(Self {
             on: AtomicBool::new(false),
             active: ArcSwapOption::empty(),
-            stats: Arc::new(Stats::new(&Metrics::off())),
+            stats: Arc::new(Stats::new(metrics)),
             edge: edge.to_owned(),
             runtime: None,
         });
