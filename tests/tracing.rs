@@ -494,3 +494,59 @@ async fn otlp_http_export_and_parent_based_sampling() {
         .await;
     assert!(r.body["traceparent"].as_str().is_some_and(|t| t.ends_with("-00")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_turns_tracing_on_moves_it_to_another_collector_and_turns_it_off() {
+    capture_access_log();
+    let cells = SimCells::three().await;
+    let (grpc, grpc_addr) = grpc_receiver().await;
+    let (http, http_addr) = http_receiver().await;
+    let off = topology(&cells, RawTracing::default()).admin();
+    let edge = TestEdge::start(&off).await;
+    let path = edge.dir.path().join("edge.toml");
+    let admin = edge.admin();
+    let reload = |t: &Topology| {
+        std::fs::write(
+            &path,
+            t.to_toml().replace("{dir}", &edge.dir.path().display().to_string()),
+        )
+        .expect("write");
+        admin.reload()
+    };
+    let c = reqwest::Client::new();
+    let tp = |n: u8| format!("00-{n:02x}f92f3577b34da6a3ce929d0e0e4736-{CLIENT_SPAN}-01");
+    // Off: no span; the client's trace headers reach the cell as they came.
+    let r = edge.get(&c, "api.test", &[("traceparent", &tp(1))]).await;
+    assert_eq!(r.body["traceparent"], tp(1).as_str());
+
+    let on = |addr, protocol| {
+        let mut t = off.clone();
+        t.raw.tracing = Some(tracing_to(addr, protocol, 1.0));
+        t
+    };
+    let v = reload(&on(grpc_addr, RawOtlpProtocol::Grpc)).await.expect("reload");
+    assert!(v.restart_required.is_empty(), "tracing changes at a reload: {v:?}");
+    edge.get(&c, "api.test", &[("traceparent", &tp(2))]).await;
+    grpc.span("after tracing was turned on", |s| s.trace_id.starts_with("02f9"))
+        .await;
+
+    let v = reload(&on(http_addr, RawOtlpProtocol::Http)).await.expect("reload");
+    assert!(v.restart_required.is_empty(), "{v:?}");
+    edge.get(&c, "api.test", &[("traceparent", &tp(3))]).await;
+    http.span("at the new collector", |s| s.trace_id.starts_with("03f9"))
+        .await;
+    assert!(grpc.all().iter().all(|s| !s.trace_id.starts_with("03f9")));
+
+    let v = reload(&off).await.expect("reload");
+    assert!(v.restart_required.is_empty(), "{v:?}");
+    let r = edge.get(&c, "api.test", &[("traceparent", &tp(4))]).await;
+    assert_eq!(r.body["traceparent"], tp(4).as_str(), "off again");
+    // A span of the request after it, had it been made, would have been
+    // exported within a few export intervals.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(http
+        .all()
+        .iter()
+        .chain(&grpc.all())
+        .all(|s| !s.trace_id.starts_with("04f9")));
+}
