@@ -274,6 +274,14 @@ impl Admin {
             &n.tls_passthrough,
         );
         differs("proxy", old.proxy != new.proxy, &old.proxy, &new.proxy);
+        let (od, nd) = (&old.dns, &new.dns);
+        differs("dns.workers", od.workers != nd.workers, &od.workers, &nd.workers);
+        differs(
+            "dns.answer_cache",
+            od.answer_cache != nd.answer_cache,
+            &od.answer_cache,
+            &nd.answer_cache,
+        );
         differs(
             "sticky_secret",
             old.sticky_secret != new.sticky_secret,

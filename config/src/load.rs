@@ -336,6 +336,25 @@ impl Validator {
                 format!("{max_udp_payload} is out of range: expected 512 to 4096"),
             );
         }
+        let workers = match raw.workers {
+            None => d.workers,
+            Some(n @ 1..=64) => n as usize,
+            Some(n) => {
+                self.problem("dns.workers", format!("{n} is out of range: expected 1 to 64"));
+                d.workers
+            }
+        };
+        let answer_cache = match raw.answer_cache {
+            None => d.answer_cache,
+            Some(n @ 0..=1_048_576) => n as usize,
+            Some(n) => {
+                self.problem(
+                    "dns.answer_cache",
+                    format!("{n} is out of range: expected 0 (off) to 1048576 entries"),
+                );
+                d.answer_cache
+            }
+        };
         let mut zones: Vec<Zone> = Vec::new();
         for (i, z) in raw.zones.iter().enumerate() {
             if let Some(zone) = self.zone(&format!("dns.zones[{i}]"), z) {
@@ -366,6 +385,8 @@ impl Validator {
         let rrl = raw.rrl.as_ref().map(|r| self.rrl(r));
         Dns {
             max_udp_payload: max_udp_payload.clamp(512, 4096),
+            workers,
+            answer_cache,
             zones,
             rrl,
         }

@@ -604,3 +604,24 @@ fn rate_limiting_defaults_and_ranges() {
         "{errs:?}"
     );
 }
+
+#[test]
+fn dns_workers_and_answer_cache_defaults_and_ranges() {
+    let c = parse_str(&format!("{BASE}{DNS}")).expect("valid");
+    assert_eq!((c.dns.workers, c.dns.answer_cache), (1, 4096));
+    // `[dns]` may come after the zones, as the bench's derived configs put it.
+    let c = parse_str(&format!("{BASE}{DNS}\n[dns]\nworkers = 4\nanswer_cache = 0\n")).expect("valid");
+    assert_eq!((c.dns.workers, c.dns.answer_cache), (4, 0));
+    for (line, key, needle) in [
+        ("workers = 0", "dns.workers", "expected 1 to 64"),
+        ("workers = 65", "dns.workers", "expected 1 to 64"),
+        ("answer_cache = -1", "dns.answer_cache", "expected 0 (off) to 1048576"),
+        (
+            "answer_cache = 2000000",
+            "dns.answer_cache",
+            "expected 0 (off) to 1048576",
+        ),
+    ] {
+        assert_error(&format!("{BASE}{DNS}\n[dns]\n{line}\n"), key, needle);
+    }
+}

@@ -239,6 +239,14 @@ pub struct EdgeMetrics {
     /// `cellgate_dns_rrl_total{action="drop"}` and `{action="slip"}`.
     pub dns_rrl_dropped: Counter,
     pub dns_rrl_slipped: Counter,
+    /// `cellgate_dns_cache_total{result}`: UDP queries answered from a
+    /// worker's answer cache (`hit`), computed and kept (`miss`), or
+    /// computed because such answers are never kept (`uncacheable`:
+    /// malformed, TSIG, other opcodes, EDNS version > 0, invalid Client
+    /// Subnet).
+    pub dns_cache_hits: Counter,
+    pub dns_cache_misses: Counter,
+    pub dns_cache_uncacheable: Counter,
     /// `cellgate_requests_unrouted_total{status}`, by status code (0–599).
     unrouted: Box<[LazyCounter]>,
     dns_queries: Box<[LazyCounter]>,
@@ -253,6 +261,9 @@ impl EdgeMetrics {
             prober_blind: metrics.gauge("cellgate_prober_blind", &[]),
             dns_rrl_dropped: metrics.counter("cellgate_dns_rrl_total", &[("action", "drop")]),
             dns_rrl_slipped: metrics.counter("cellgate_dns_rrl_total", &[("action", "slip")]),
+            dns_cache_hits: metrics.counter("cellgate_dns_cache_total", &[("result", "hit")]),
+            dns_cache_misses: metrics.counter("cellgate_dns_cache_total", &[("result", "miss")]),
+            dns_cache_uncacheable: metrics.counter("cellgate_dns_cache_total", &[("result", "uncacheable")]),
             unrouted: (0..600).map(|_| LazyCounter::default()).collect(),
             dns_queries: (0..DNS_QTYPES.len() * DNS_RCODES.len())
                 .map(|_| LazyCounter::default())
