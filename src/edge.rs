@@ -290,7 +290,7 @@ impl Edge {
         }
         let dns = match config.listeners.dns {
             Some(a) => {
-                let d = cellgate_dns::DnsListener::bind(a).await?;
+                let d = cellgate_dns::DnsListener::bind(a, config.dns.workers).await?;
                 addrs.dns = d.local_addr();
                 Some(d)
             }

@@ -186,7 +186,7 @@ impl Fixture {
         );
         let metrics = Metrics::prometheus();
         let snapshots = Arc::new(Snapshots::standalone_with(table, Clock::system(), metrics.clone()));
-        let listener = DnsListener::bind("127.0.0.1:0".parse().expect("addr"))
+        let listener = DnsListener::bind("127.0.0.1:0".parse().expect("addr"), 2)
             .await
             .expect("bind");
         let running = DnsServer::start(listener, snapshots.clone()).expect("start");
