@@ -6,6 +6,10 @@
 //! the buffers, the message headers and the cache are allocated when the
 //! worker starts. The snapshot and the clocks are read once per batch.
 //!
+//! `recvmmsg` is nix's safe wrapper; `sendmmsg` is rustix's, which reports
+//! how many messages went out (nix's reports it through an iterator that
+//! reads address slots a send never fills).
+//!
 //! The socket is blocking (`MSG_WAITFORONE`: the call returns as soon as
 //! one datagram is there, with whatever else is queued), so an idle worker
 //! sleeps in the kernel. [`Workers::stop`] wakes them by shutting the
@@ -24,7 +28,8 @@ use std::{
     time::Duration,
 };
 
-use nix::sys::socket::{recvmmsg, sendmmsg, MsgFlags, MultiHeaders, SockaddrLike, SockaddrStorage};
+use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrLike, SockaddrStorage};
+use rustix::net::{sendmmsg, MMsgHdr, SendAncillaryBuffer, SendFlags, SocketAddrAny};
 use socket2::Socket;
 
 use crate::{
@@ -121,11 +126,11 @@ struct Worker {
     /// [`BATCH`] receive buffers of [`MAX_DATAGRAM`] bytes, end to end.
     bufs: Vec<u8>,
     lens: [usize; BATCH],
-    from: [Option<SockaddrStorage>; BATCH],
+    /// Senders; `None`: not to be answered.
+    from: [Option<SocketAddr>; BATCH],
     /// Responses, one per received datagram.
     out: Vec<Vec<u8>>,
     recv_headers: MultiHeaders<SockaddrStorage>,
-    send_headers: MultiHeaders<SockaddrStorage>,
     cache: AnswerCache,
 }
 
@@ -138,7 +143,6 @@ impl Worker {
             from: [None; BATCH],
             out: (0..BATCH).map(|_| Vec::with_capacity(1232)).collect(),
             recv_headers: MultiHeaders::preallocate(BATCH, None),
-            send_headers: MultiHeaders::preallocate(BATCH, None),
             cache: AnswerCache::new(cache_entries),
         }
     }
@@ -162,12 +166,9 @@ impl Worker {
             let mut send = [0usize; BATCH];
             let mut m = 0;
             for i in 0..n {
-                let Some(src) = self.from[i].as_ref().and_then(socket_addr) else {
+                let Some(src) = self.from[i].filter(|&a| answerable(a)) else {
                     continue;
                 };
-                if !answerable(src) {
-                    continue;
-                }
                 let msg = &self.bufs[i * MAX_DATAGRAM..i * MAX_DATAGRAM + self.lens[i]];
                 if batch.respond(Some(&mut self.cache), msg, src, &mut self.out[i]) {
                     send[m] = i;
@@ -198,7 +199,11 @@ impl Worker {
             // is not answered.
             let whole = !r.flags.contains(MsgFlags::MSG_TRUNC);
             self.lens[i] = r.bytes;
-            self.from[i] = r.address.filter(|a| whole && a.len() > 0);
+            self.from[i] = r
+                .address
+                .filter(|a| whole && a.len() > 0)
+                .as_ref()
+                .and_then(socket_addr);
             n = i + 1;
         }
         Ok(n)
@@ -206,30 +211,29 @@ impl Worker {
 
     /// Sends the responses of the datagrams `which`.
     fn send(&mut self, which: &[usize]) {
+        let nowhere = SocketAddrAny::from(SocketAddr::from(([0, 0, 0, 0], 0)));
         let mut rest = which;
         while !rest.is_empty() {
-            let mut it = rest.iter();
-            let out = &self.out;
+            let k = rest.len().min(BATCH);
+            let (out, from) = (&self.out, &self.from);
+            let to: [SocketAddrAny; BATCH] = std::array::from_fn(|j| {
+                rest.get(j)
+                    .and_then(|&i| from[i])
+                    .map_or_else(|| nowhere.clone(), SocketAddrAny::from)
+            });
             let iovs: [[IoSlice<'_>; 1]; BATCH] =
-                std::array::from_fn(|_| [IoSlice::new(it.next().map_or(&[][..], |&i| &out[i][..]))]);
-            let mut to = [None; BATCH];
-            for (t, &i) in to.iter_mut().zip(rest) {
-                *t = self.from[i];
-            }
-            let k = rest.len();
-            match sendmmsg(
-                self.socket.as_raw_fd(),
-                &mut self.send_headers,
-                iovs[..k].iter(),
-                &to[..k],
-                [],
-                MsgFlags::empty(),
-            ) {
-                Ok(sent) => {
-                    let sent = sent.count().max(1);
-                    rest = &rest[sent.min(k)..];
-                }
-                Err(nix::errno::Errno::EINTR) => {}
+                std::array::from_fn(|j| [IoSlice::new(rest.get(j).map_or(&[][..], |&i| &out[i][..]))]);
+            let mut control: [SendAncillaryBuffer<'_, '_, '_>; BATCH] =
+                std::array::from_fn(|_| SendAncillaryBuffer::default());
+            let mut j = 0;
+            let mut msgs = control.each_mut().map(|c| {
+                let m = MMsgHdr::new_with_addr(&to[j], &iovs[j], c);
+                j += 1;
+                m
+            });
+            match sendmmsg(&self.socket, &mut msgs[..k], SendFlags::empty()) {
+                Ok(sent) => rest = &rest[sent.clamp(1, k)..],
+                Err(rustix::io::Errno::INTR) => {}
                 Err(e) => {
                     // The first message failed: skip it, send the rest.
                     tracing::debug!(error = %e, "dns: udp send failed");
