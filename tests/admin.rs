@@ -422,7 +422,11 @@ async fn dns_answers_from_its_cache_until_a_drain_and_never_names_the_drained_ce
     }
     let hits = r#"cellgate_dns_cache_total{result="hit"}"#;
     assert_eq!(edge.metric(hits), 2.0, "one worker: the 2nd and 3rd from its cache");
-    assert_eq!(edge.metric(r#"cellgate_dns_answers_total{cell="eu"}"#), 3.0, "hits are counted too");
+    assert_eq!(
+        edge.metric(r#"cellgate_dns_answers_total{cell="eu"}"#),
+        3.0,
+        "hits are counted too"
+    );
 
     // The drain call returns once its table is published: the very next
     // query must not name eu, cached or not.
