@@ -198,7 +198,7 @@ impl Worker {
             // A datagram longer than the buffer, or one with no sender,
             // is not answered.
             let whole = !r.flags.contains(MsgFlags::MSG_TRUNC);
-            self.lens[i] = r.bytes;
+            self.lens[i] = r.bytes.min(MAX_DATAGRAM);
             self.from[i] = r
                 .address
                 .filter(|a| whole && a.len() > 0)
