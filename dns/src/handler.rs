@@ -23,6 +23,12 @@
 //! Every response to a query with an OPT record carries one: the server's
 //! own payload size, the query's DO bit, and the query's Client Subnet
 //! option (with its scope) unless the response is FORMERR or BADVERS.
+//!
+//! A UDP worker answers through its [`AnswerCache`] ([`Batch::respond`]):
+//! a hit is copied and patched, and what answering counts (queries, answers
+//! per cell, traffic, fail-open) and RRL happen for it as for a computed
+//! answer ([`Accounting`] is kept with the entry); a miss is answered as
+//! above and kept. TCP and [`CellDns::respond`] never use a cache.
 
 use std::{
     net::{IpAddr, SocketAddr},
