@@ -7,8 +7,9 @@ use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Durat
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use cellgate_admin::{Admin, OperatorCell, Prepared, Resources};
+use cellgate_admin::{Admin, FleetLink, Intent, Prepared, Resources};
 use cellgate_config::{Config, Problem, SecretSource};
+use cellgate_handoff::{SocketName, SocketSet};
 use cellgate_health::{Health, Inputs, NetworkProbe, Probe};
 use cellgate_proxy::{listen::HttpListener, tls::CertStore, Binding, HttpApp, L4Proxy};
 use cellgate_routing::{OperatorState, StickyKey};
@@ -17,6 +18,10 @@ use pingora::{apps::HttpServerApp, listeners::tls::Acceptor};
 use rand::RngCore;
 use tokio::{net::TcpListener, runtime::Handle, sync::watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// How long a graceful stop leaves idle keep-alive connections open for a
+/// request already on its way (answered with `Connection: close`).
+const IDLE_DRAIN_WINDOW: Duration = Duration::from_secs(1);
 
 /// How to stop a running edge.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +54,10 @@ pub struct EdgeOptions {
     /// Log lines dropped so far by a writer that fell behind (exported as
     /// `cellgate_log_dropped_lines_total`).
     pub log_dropped: Option<Arc<dyn Fn() -> u64 + Send + Sync>>,
+    /// Listening sockets taken over from a running process (`run
+    /// --upgrade`): used instead of binding wherever the config still names
+    /// them; the rest are closed.
+    pub inherited: Option<SocketSet>,
 }
 
 impl Default for EdgeOptions {
@@ -62,6 +71,7 @@ impl Default for EdgeOptions {
             control: None,
             first_round: None,
             log_dropped: None,
+            inherited: None,
         }
     }
 }
@@ -106,6 +116,10 @@ pub struct BoundEdge {
     l4_proxy: Arc<L4Proxy>,
     dns: Option<cellgate_dns::DnsListener>,
     admin_listener: Option<TcpListener>,
+    fleet: Option<cellgate_fleet::FleetSync>,
+    /// Duplicates of every listening socket, for the next upgrade.
+    sockets: SocketSet,
+    certs: Option<Arc<CertStore>>,
     control: Option<Handle>,
     log_dropped: Option<Arc<dyn Fn() -> u64 + Send + Sync>>,
 }
@@ -167,10 +181,11 @@ impl Resources for EdgeResources {
             .map_err(|p| problems.push(p))
             .ok()
             .flatten();
-        let certs = cellgate_proxy::tls::load_certs(config)
+        let certs = cellgate_proxy::tls::load_certs(config, std::time::SystemTime::now())
             .map_err(|p| problems.extend(p))
             .ok()
             .flatten();
+        problems.extend(cellgate_proxy::tls::check_upstream_cas(config));
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -186,10 +201,28 @@ impl Resources for EdgeResources {
     }
 }
 
-async fn bind_tcp(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("{what}: cannot bind {addr}"))
+/// A TCP listener at `addr`: the inherited one called `name` if there is
+/// one bound there, else a new one; remembered in `mine` for the next
+/// upgrade.
+async fn listen(
+    addr: SocketAddr,
+    name: SocketName,
+    what: &str,
+    inherited: &mut SocketSet,
+    mine: &mut SocketSet,
+) -> anyhow::Result<TcpListener> {
+    let l = match inherited.tcp_listener(&name, addr)? {
+        Some(l) => {
+            l.set_nonblocking(true)?;
+            tracing::info!(%addr, socket = name.as_str(), "listening on the socket inherited from the previous process");
+            TcpListener::from_std(l)?
+        }
+        None => TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("{what}: cannot bind {addr}"))?,
+    };
+    mine.insert(name, &l)?;
+    Ok(l)
 }
 
 impl Edge {
@@ -214,10 +247,11 @@ impl Edge {
             .map_err(|p| problems.push(p))
             .ok()
             .flatten();
-        let certs = cellgate_proxy::tls::load_certs(&config)
+        let certs = cellgate_proxy::tls::load_certs(&config, std::time::SystemTime::now())
             .map_err(|p| problems.extend(p))
             .ok()
             .flatten();
+        problems.extend(cellgate_proxy::tls::check_upstream_cas(&config));
         if !problems.is_empty() {
             return Err(cellgate_config::Error::Invalid {
                 file: config.source.clone(),
@@ -248,6 +282,19 @@ impl Edge {
         if !operator.drains.is_empty() {
             tracing::info!(drains = ?operator.drains.keys().collect::<Vec<_>>(), "operator state restored from {}", store.describe());
         }
+        // With a fleet, operator intent comes from etcd (or the last copy
+        // of it this edge kept), local-scope changes on top.
+        let fleet = match &config.fleet {
+            Some(f) => {
+                let _guard = opts.control.as_ref().map(Handle::enter);
+                Some(start_fleet(f, &config.edge.name, opts.ignore_state).await?)
+            }
+            None => None,
+        };
+        let effective = match &fleet {
+            Some(sync) => cellgate_admin::compose(&sync.view().borrow().intent.operator_state(), &operator),
+            None => operator.clone(),
+        };
         let audit = match &config.admin.audit_log {
             Some(p) => Some(std::sync::Mutex::new(
                 std::fs::OpenOptions::new()
@@ -259,17 +306,28 @@ impl Edge {
             None => None,
         };
 
-        // Bind every listener before anything starts serving.
+        // Bind every listener before anything starts serving (or take it
+        // over from the process this one replaces).
+        let mut inherited = opts.inherited.unwrap_or_default();
+        let mut sockets = SocketSet::new();
         let mut addrs = BoundAddrs::default();
         let mut http = Vec::new();
         if let Some(a) = config.listeners.http {
-            let l = bind_tcp(a, "listeners.http").await?;
+            let l = listen(a, SocketName::HTTP, "listeners.http", &mut inherited, &mut sockets).await?;
             addrs.http = Some(l.local_addr()?);
             http.push(("http", l, None));
         }
-        let cert_store = certs.map(CertStore::new);
+        let metrics = Metrics::prometheus();
+        let cert_store = certs.map(|c| CertStore::new(c, metrics.clone()));
         if let (Some(tls), Some(store)) = (&config.listeners.https, &cert_store) {
-            let l = bind_tcp(tls.addr, "listeners.https").await?;
+            let l = listen(
+                tls.addr,
+                SocketName::HTTPS,
+                "listeners.https",
+                &mut inherited,
+                &mut sockets,
+            )
+            .await?;
             addrs.https = Some(l.local_addr()?);
             let server_config = store.server_config().map_err(|e| cellgate_proxy::Error::Tls {
                 addr: tls.addr,
@@ -279,18 +337,56 @@ impl Edge {
         }
         let mut l4 = Vec::new();
         for t in &config.listeners.tcp {
-            let l = bind_tcp(t.addr, "listeners.tcp").await?;
+            let l = listen(
+                t.addr,
+                SocketName::tcp(t.addr),
+                "listeners.tcp",
+                &mut inherited,
+                &mut sockets,
+            )
+            .await?;
             addrs.tcp.push(l.local_addr()?);
             l4.push((l, Binding::Service(t.service.clone())));
         }
         for a in &config.listeners.tls_passthrough {
-            let l = bind_tcp(*a, "listeners.tls_passthrough").await?;
+            let l = listen(
+                *a,
+                SocketName::tls_passthrough(*a),
+                "listeners.tls_passthrough",
+                &mut inherited,
+                &mut sockets,
+            )
+            .await?;
             addrs.tls_passthrough.push(l.local_addr()?);
             l4.push((l, Binding::Sni));
         }
         let dns = match config.listeners.dns {
             Some(a) => {
-                let d = cellgate_dns::DnsListener::bind(a, config.dns.workers).await?;
+                let workers = config.dns.workers.max(1);
+                let mut udp = Vec::with_capacity(workers);
+                for n in 0..workers {
+                    match inherited.udp_socket(&SocketName::dns_udp(n), a)? {
+                        Some(s) => udp.push(s),
+                        None => break,
+                    }
+                }
+                let tcp = inherited.tcp_listener(&SocketName::DNS_TCP, a)?;
+                let d = match (udp.is_empty(), tcp) {
+                    (false, Some(tcp)) => {
+                        tracing::info!(
+                            addr = %a,
+                            inherited = udp.len(),
+                            workers,
+                            "dns: serving on the sockets inherited from the previous process"
+                        );
+                        cellgate_dns::DnsListener::from_std(udp, tcp, workers)?
+                    }
+                    _ => cellgate_dns::DnsListener::bind(a, workers).await?,
+                };
+                for (n, s) in d.udp.iter().enumerate() {
+                    sockets.insert(SocketName::dns_udp(n), s)?;
+                }
+                sockets.insert(SocketName::DNS_TCP, &d.tcp)?;
                 addrs.dns = d.local_addr();
                 Some(d)
             }
@@ -298,22 +394,25 @@ impl Edge {
         };
         let admin_listener = match config.listeners.admin {
             Some(a) => {
-                let l = bind_tcp(a, "listeners.admin").await?;
+                let l = listen(a, SocketName::ADMIN, "listeners.admin", &mut inherited, &mut sockets).await?;
                 addrs.admin = Some(l.local_addr()?);
                 Some(l)
             }
             None => None,
         };
+        for (name, addr) in inherited.close_unclaimed() {
+            tracing::info!(socket = name.as_str(), %addr, "closed an inherited socket the config no longer names");
+        }
 
         // The control plane: prober and publisher.
-        let metrics = Metrics::prometheus();
+        cellgate_admin::register_metrics(&metrics);
         let health = {
             let _guard = opts.control.as_ref().map(Handle::enter);
             Arc::new(Health::start(
                 Inputs {
                     config: config.clone(),
                     geo,
-                    operator: operator.clone(),
+                    operator: effective,
                 },
                 opts.probe,
                 opts.clock.clone(),
@@ -334,8 +433,14 @@ impl Edge {
             snapshots: snapshots.clone(),
             config_path: opts.config_path,
             config: ArcSwap::new(config.clone()),
-            operator: OperatorCell::new(operator),
-            store,
+            intent: Arc::new(Intent::new(
+                operator,
+                store,
+                fleet.as_ref().zip(config.fleet.as_ref()).map(|(sync, f)| {
+                    FleetLink::new(sync.writer(), sync.view(), f.partial_outage, f.lease_ttl * 2, &metrics)
+                }),
+            )),
+            edge: config.edge.name.clone(),
             tokens: ArcSwap::from_pointee(tokens),
             audit,
             metrics: metrics.clone(),
@@ -343,19 +448,22 @@ impl Edge {
             resources: Arc::new(EdgeResources {
                 certs: cert_store.clone(),
             }),
+            history: Arc::new(cellgate_admin::History::default()),
         });
         let mut listeners = Vec::new();
         let mut apps = Vec::new();
         for (name, listener, tls) in http {
             let app = cellgate_proxy::http_app(&config, snapshots.clone(), sticky.clone(), tls.is_some());
             apps.push(app.clone());
-            listeners.push(HttpListener {
+            listeners.push(HttpListener::new(
                 name,
                 listener,
                 tls,
                 app,
-                max_connections: config.proxy.max_connections,
-            });
+                &config.proxy,
+                snapshots.clone(),
+                &metrics,
+            ));
         }
         let l4_proxy = Arc::new(L4Proxy {
             snapshots: snapshots.clone(),
@@ -373,6 +481,9 @@ impl Edge {
             l4_proxy,
             dns,
             admin_listener,
+            fleet,
+            sockets,
+            certs: cert_store,
             control: opts.control,
             log_dropped: opts.log_dropped,
         })
@@ -402,6 +513,18 @@ impl BoundEdge {
         &self.metrics
     }
 
+    /// Every listening socket, to hand over to the process that replaces
+    /// this one (`run --upgrade`).
+    pub fn sockets(&self) -> &SocketSet {
+        &self.sockets
+    }
+
+    /// Takes the set of listening sockets out (for a shutdown future that
+    /// outlives a borrow of the edge).
+    pub fn take_sockets(&mut self) -> SocketSet {
+        std::mem::take(&mut self.sockets)
+    }
+
     /// Serves until `shutdown` says how to stop, then stops: accepting
     /// ends at once; with [`Stop::Graceful`] open requests and connections
     /// get `proxy.grace_period` to finish.
@@ -415,7 +538,7 @@ impl BoundEdge {
         };
         let mut serving = Vec::new();
         for l in self.http {
-            tracing::info!(listener = l.name, addr = ?l.listener.local_addr().ok(), "http serving");
+            tracing::info!(listener = l.name(), addr = ?l.local_addr().ok(), "http serving");
             let (rx, conns, cancel) = (stop_rx.clone(), conns.clone(), cancel.clone());
             serving.push(tokio::spawn(l.serve(rx, conns, cancel)));
         }
@@ -447,11 +570,23 @@ impl BoundEdge {
             ))));
         }
         {
+            // The last minutes of every cell, for the status page, sampled
+            // from the published snapshots on the edge clock.
+            let mut rx = stop_rx.clone();
+            let stopped = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            spawn_control(Box::pin(
+                self.admin.history.clone().run(self.health.snapshots(), stopped),
+            ));
+        }
+        {
             // Prometheus histograms need draining now and then; the count of
             // dropped log lines is copied in at the same pace.
             let metrics = self.metrics.clone();
             let dropped = self.log_dropped.clone();
             let counter = metrics.counter("cellgate_log_dropped_lines_total", &[]);
+            let certs = self.certs.clone();
             let mut rx = stop_rx.clone();
             spawn_control(Box::pin(async move {
                 loop {
@@ -461,11 +596,26 @@ impl BoundEdge {
                             if let Some(d) = &dropped {
                                 counter.absolute(d());
                             }
+                            if let Some(c) = &certs {
+                                c.refresh(std::time::SystemTime::now());
+                            }
                         }
                         _ = rx.wait_for(|s| *s) => return,
                     }
                 }
             }));
+        }
+        if let Some(sync) = &self.fleet {
+            let intent = self.admin.intent.clone();
+            let health = self.health.clone();
+            spawn_control(Box::pin(intent.follow_fleet(health, stop_rx.clone())));
+            spawn_control(Box::pin(report_loop(
+                self.config.clone(),
+                self.health.clone(),
+                sync.view(),
+                sync.report_sender(),
+                stop_rx.clone(),
+            )));
         }
         let t = self.health.table();
         tracing::info!(
@@ -479,11 +629,20 @@ impl BoundEdge {
         let how = shutdown.await;
         tracing::info!(?how, "edge node stopping");
         let _ = stop_tx.send(true);
+        conns.close();
+        if how == Stop::Graceful {
+            // A keep-alive connection between two requests is not closed at
+            // once: a client may be sending on it right now, and closing
+            // would reset that request. Its next request is answered with
+            // `Connection: close` instead; what stays idle through the
+            // window is closed after it.
+            let window = self.config.proxy.grace_period.min(IDLE_DRAIN_WINDOW);
+            let _ = tokio::time::timeout(window, conns.wait()).await;
+        }
         for app in &self.apps {
             // Wakes keep-alive connections parked between requests.
             app.http_cleanup().await;
         }
-        conns.close();
         if how == Stop::Graceful {
             let grace = self.config.proxy.grace_period;
             if tokio::time::timeout(grace, conns.wait()).await.is_err() {
@@ -498,10 +657,101 @@ impl BoundEdge {
         if let Some(dns) = dns {
             dns.shutdown().await;
         }
+        if let Some(sync) = self.fleet {
+            // Revokes the lease: this edge's report leaves the fleet view.
+            let _ = tokio::time::timeout(Duration::from_secs(2), sync.shutdown()).await;
+        }
         for s in serving {
             let _ = tokio::time::timeout(Duration::from_secs(1), s).await;
         }
         tracing::info!("edge node stopped");
         Ok(())
+    }
+}
+
+/// Connects to the fleet (never waiting long for etcd: an edge starts with
+/// the last intent it kept when etcd is down).
+async fn start_fleet(
+    f: &cellgate_config::Fleet,
+    edge: &str,
+    ignore_state: bool,
+) -> anyhow::Result<cellgate_fleet::FleetSync> {
+    let store = cellgate_fleet::FleetStore::new(f, edge).context("fleet")?;
+    let cache = f.cache_file.clone().map(cellgate_fleet::IntentCache::new);
+    let cached = match cache.as_ref().map(|c| c.load()).transpose() {
+        Ok(c) => c.flatten(),
+        Err(e) if ignore_state => {
+            tracing::warn!(error = %e, "--ignore-state: starting without the cached fleet intent");
+            None
+        }
+        Err(e) => return Err(anyhow::Error::from(e).context("fleet cache (start with --ignore-state to drop it)")),
+    };
+    if let Some(c) = &cached {
+        tracing::info!(
+            revision = c.intent.revision,
+            "fleet intent restored from the local cache"
+        );
+    }
+    let sync = cellgate_fleet::FleetSync::start(store, cached, cache);
+    // A fresh edge waits a moment for the fleet's drains before it serves.
+    let mut view = sync.view();
+    let wait = f.connect_timeout + f.request_timeout;
+    if tokio::time::timeout(wait, view.wait_for(|v| v.link.is_live()))
+        .await
+        .is_err()
+    {
+        let reason = match &view.borrow().link {
+            cellgate_fleet::Link::Stale { reason, .. } => reason.clone(),
+            cellgate_fleet::Link::Live { .. } => String::new(),
+        };
+        tracing::warn!(%reason, "etcd not reachable at start: serving the last known fleet state");
+    }
+    Ok(sync)
+}
+
+/// Publishes this edge's view of every cell to the fleet every
+/// `report_interval`, until `stop`.
+async fn report_loop(
+    config: Arc<Config>,
+    health: Arc<Health>,
+    view: watch::Receiver<cellgate_fleet::FleetView>,
+    reports: watch::Sender<Option<cellgate_fleet::EdgeReport>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Some(f) = &config.fleet else { return };
+    let mut tick = tokio::time::interval(f.report_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = cellgate_proxy::listen::stopped(&mut stop) => return,
+        }
+        let s = health.snapshot();
+        let now_s = health.snapshots().clock().now_secs();
+        let cells = s
+            .table
+            .cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let idx = cellgate_routing::CellIdx(i as u32);
+                let mut r = cellgate_fleet::CellReport::from_measurement(c.id.clone(), &c.measurement);
+                r.in_flight = u64::from(s.inflight(idx));
+                if let Some(t) = s.traffic().cell(idx) {
+                    r.requests_per_s = t.requests_per_sec(now_s);
+                    r.sticky_sessions = t.sticky.sum(now_s);
+                    r.dns_answers = t.dns_answers.sum(now_s);
+                }
+                r
+            })
+            .collect();
+        let intent_revision = view.borrow().intent.revision;
+        reports.send_replace(Some(cellgate_fleet::EdgeReport {
+            edge: config.edge.name.clone(),
+            at: cellgate_fleet::now(),
+            table_generation: s.generation(),
+            intent_revision,
+            cells,
+        }));
     }
 }

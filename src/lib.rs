@@ -33,8 +33,28 @@ pub fn check(path: &Path) -> Result<CheckReport, config::Error> {
     if let Err(p) = cellgate_health::open_geo(&c) {
         problems.push(p);
     }
-    if let Err(p) = cellgate_proxy::tls::load_certs(&c) {
-        problems.extend(p);
+    let now = std::time::SystemTime::now();
+    let certs = match cellgate_proxy::tls::load_certs(&c, now) {
+        Ok(certs) => certs.unwrap_or_default(),
+        Err(p) => {
+            problems.extend(p);
+            Vec::new()
+        }
+    };
+    problems.extend(cellgate_proxy::tls::check_upstream_cas(&c));
+    if let Some(f) = &c.fleet {
+        // Reads the etcd password and client TLS files, as `run` would.
+        if let Err(e) = cellgate_fleet::FleetStore::new(f, &c.edge.name) {
+            problems.push(config::Problem::new("fleet", e.to_string()));
+        }
+        if let Some(dir) = f.cache_file.as_ref().and_then(|p| p.parent()) {
+            if !dir.as_os_str().is_empty() && !dir.is_dir() {
+                problems.push(config::Problem::new(
+                    "fleet.cache_file",
+                    format!("directory `{}` does not exist", dir.display()),
+                ));
+            }
+        }
     }
     let mut secret_file = |key: String, source: &config::SecretSource| {
         if let config::SecretSource::File(p) = source {
@@ -56,6 +76,15 @@ pub fn check(path: &Path) -> Result<CheckReport, config::Error> {
         });
     }
     let mut warnings = Vec::new();
+    for cert in &certs {
+        let left = cert.not_after
+            - now
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+        if left < 14 * 86_400 {
+            warnings.push(format!("certificate {}: less than 14 days left", cert.describe(now)));
+        }
+    }
     if let Some(config::SecretSource::Env {
         var,
         ephemeral_if_unset,
@@ -69,16 +98,17 @@ pub fn check(path: &Path) -> Result<CheckReport, config::Error> {
             });
         }
     }
-    Ok(CheckReport {
-        summary: format!(
-            "{}: ok: {} cells, {} services, {} listeners, {} pins, {} geo networks",
-            path.display(),
-            c.cells.len(),
-            c.services.len(),
-            c.listener_count(),
-            c.pins.len(),
-            c.geo.networks.len()
-        ),
-        warnings,
-    })
+    let mut summary = format!(
+        "{}: ok: {} cells, {} services, {} listeners, {} pins, {} geo networks",
+        path.display(),
+        c.cells.len(),
+        c.services.len(),
+        c.listener_count(),
+        c.pins.len(),
+        c.geo.networks.len()
+    );
+    for cert in &certs {
+        summary.push_str(&format!("\ncertificate {}", cert.describe(now)));
+    }
+    Ok(CheckReport { summary, warnings })
 }

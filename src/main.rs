@@ -6,7 +6,9 @@ use cellgate::{
     logging::{self, AccessLog, Format},
 };
 use cellgate_admin::contract::{ExplainQuery, Explanation};
+use cellgate_handoff::{notify::notify, Handoff, State};
 use clap::{Parser, Subcommand, ValueEnum};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// cellgate: an edge node that steers clients to the right cell.
 #[derive(Parser)]
@@ -43,6 +45,11 @@ enum Command {
         /// Where the access log goes: `stderr` (with the other logs), `off`, or a file path.
         #[arg(long, default_value = "stderr")]
         access_log: AccessLog,
+        /// Take over the listening sockets of the running process (which
+        /// hands them over on SIGQUIT) instead of binding them: a restart
+        /// or upgrade that refuses no connection and loses no query.
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Ask a running edge node why a client goes where it goes.
     Explain {
@@ -63,7 +70,12 @@ enum Command {
         sticky: Option<String>,
     },
     /// Start three simulated cells on loopback and an edge node in front of them.
-    Demo,
+    Demo {
+        /// Two edge nodes sharing operator state through a local etcd
+        /// (Debian's `etcd-server`).
+        #[arg(long)]
+        fleet: bool,
+    },
     /// Run one simulated cell (for the demo, tests and benchmarks).
     SimCell {
         #[arg(long)]
@@ -106,7 +118,8 @@ fn main() -> ExitCode {
             config,
             ignore_state,
             access_log,
-        } => run(config, ignore_state, format(cli.log_format), &access_log),
+            upgrade,
+        } => run(config, ignore_state, format(cli.log_format), &access_log, upgrade),
         Command::Explain {
             admin,
             service,
@@ -122,9 +135,9 @@ fn main() -> ExitCode {
                 sticky,
             },
         ),
-        Command::Demo => logging::init(format(cli.log_format), &AccessLog::Stderr)
+        Command::Demo { fleet } => logging::init(format(cli.log_format), &AccessLog::Stderr)
             .map_err(anyhow::Error::from)
-            .and_then(|_logging| cellgate::demo::run()),
+            .and_then(|_logging| cellgate::demo::run(fleet)),
         Command::SimCell {
             id,
             listen,
@@ -150,17 +163,36 @@ fn main() -> ExitCode {
     }
 }
 
-/// SIGTERM: graceful; SIGINT: fast.
-async fn signals() -> Stop {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => Stop::Graceful,
-        _ = int.recv() => Stop::Fast,
+/// The signals `cellgate run` answers, installed before anything else so
+/// that an early SIGQUIT or SIGUSR2 cannot kill the process.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    quit: Signal,
+    usr2: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        let s = |k| signal(k).context("installing signal handlers");
+        Ok(Self {
+            term: s(SignalKind::terminate())?,
+            int: s(SignalKind::interrupt())?,
+            quit: s(SignalKind::quit())?,
+            usr2: s(SignalKind::user_defined2())?,
+            hup: s(SignalKind::hangup())?,
+        })
     }
+}
+
+/// Starts `<this binary> <these args> --upgrade` (SIGUSR2: the way a
+/// systemd unit upgrades, so the new process runs inside the unit).
+fn spawn_successor() -> std::io::Result<std::process::Child> {
+    let mut args = std::env::args_os();
+    let program = args.next().unwrap_or_else(|| "cellgate".into());
+    let rest: Vec<std::ffi::OsString> = args.filter(|a| a != "--upgrade").collect();
+    std::process::Command::new(program).args(rest).arg("--upgrade").spawn()
 }
 
 fn runtime(threads: usize, name: &str) -> anyhow::Result<tokio::runtime::Runtime> {
@@ -172,7 +204,7 @@ fn runtime(threads: usize, name: &str) -> anyhow::Result<tokio::runtime::Runtime
         .with_context(|| format!("starting the {name} runtime"))
 }
 
-fn run(path: PathBuf, ignore_state: bool, format: Format, access: &AccessLog) -> anyhow::Result<()> {
+fn run(path: PathBuf, ignore_state: bool, format: Format, access: &AccessLog, upgrade: bool) -> anyhow::Result<()> {
     let config = match cellgate::config::load(&path) {
         Ok(c) => Arc::new(c),
         Err(e) => anyhow::bail!("{e}"),
@@ -182,7 +214,18 @@ fn run(path: PathBuf, ignore_state: bool, format: Format, access: &AccessLog) ->
     // so probe RTTs are not measured through a busy proxy worker.
     let control = runtime(1, "cellgate-control")?;
     let data = runtime(config.proxy.threads, "cellgate-worker")?;
+    let grace = config.proxy.grace_period;
     let result = data.block_on(async {
+        let mut signals = Signals::install()?;
+        let handoff = Handoff::new(Handoff::default_path());
+        // An upgrade takes the running process's sockets before binding any.
+        let (inherited, predecessor) = if upgrade {
+            let i = handoff.receive().await.context("upgrade: taking over the sockets")?;
+            tracing::info!(from = i.predecessor.pid(), sockets = i.sockets.len(), "upgrade: sockets received");
+            (Some(i.sockets), Some(i.predecessor))
+        } else {
+            (None, None)
+        };
         let bound = Edge::bind_with(
             config,
             EdgeOptions {
@@ -190,26 +233,98 @@ fn run(path: PathBuf, ignore_state: bool, format: Format, access: &AccessLog) ->
                 ignore_state,
                 control: Some(control.handle().clone()),
                 log_dropped: Some(logging.dropped_counter()),
+                inherited,
                 ..Default::default()
             },
         )
-        .await?;
+        .await;
+        let mut bound = match bound {
+            Ok(b) => b,
+            Err(e) => {
+                if let Some(p) = predecessor {
+                    // The running process keeps serving and logs why.
+                    p.abort(&format!("{e:#}")).await;
+                }
+                return Err(e);
+            }
+        };
+        // Bound, first probe round done, first table published: ready.
+        match predecessor {
+            Some(p) => match p.ready().await {
+                Ok(released) => {
+                    tracing::info!(old_pid = released.pid, grace = ?released.grace_period, "upgrade: the previous process stopped accepting and drains");
+                    let _ = notify(&[State::MainPid(std::process::id()), State::Ready]);
+                }
+                Err(e @ cellgate_handoff::Error::Cancelled { .. }) => {
+                    return Err(anyhow::Error::from(e).context("upgrade: the running process gave up; it keeps serving"));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "upgrade: the previous process did not confirm; serving anyway");
+                    let _ = notify(&[State::MainPid(std::process::id()), State::Ready]);
+                }
+            },
+            None => {
+                let _ = notify(&[State::Ready]);
+            }
+        }
         let admin = bound.admin().clone();
+        let mut hup = signals.hup;
         control.spawn(async move {
-            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-                tracing::error!("cannot install the SIGHUP handler: reload with POST /api/v1/reload");
-                return;
-            };
             while hup.recv().await.is_some() {
+                let _ = notify(&[State::Reloading]);
                 match admin.reload().await {
                     Ok(report) => tracing::info!(?report, "SIGHUP: config reloaded"),
                     Err(problems) => {
                         tracing::error!(?problems, "SIGHUP: invalid config; still serving the previous one")
                     }
                 }
+                let _ = notify(&[State::Ready]);
             }
         });
-        bound.run(signals()).await
+        let sockets = bound.take_sockets();
+        let shutdown = async move {
+            loop {
+                let mut successor = None;
+                tokio::select! {
+                    _ = signals.term.recv() => {
+                        let _ = notify(&[State::Stopping]);
+                        return Stop::Graceful;
+                    }
+                    _ = signals.int.recv() => return Stop::Fast,
+                    _ = signals.quit.recv() => {}
+                    _ = signals.usr2.recv() => match spawn_successor() {
+                        Ok(child) => successor = Some(child),
+                        Err(e) => {
+                            tracing::error!(error = %e, "SIGUSR2: cannot start the new process; still serving");
+                            continue;
+                        }
+                    },
+                }
+                // Hand the sockets over; serve until the new process is ready.
+                let handed = match handoff.send(&sockets).await {
+                    Ok(offered) => offered.wait_ready().await,
+                    Err(e) => Err(e),
+                };
+                match handed {
+                    Ok(s) => {
+                        if let Err(e) = s.release(grace).await {
+                            tracing::warn!(error = %e, "upgrade: could not confirm the release to the new process");
+                        }
+                        tracing::info!(?grace, "upgrade: the new process serves; draining and exiting");
+                        // The unit goes on with the new process: no STOPPING=1.
+                        return Stop::Graceful;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "upgrade failed: still serving");
+                        if let Some(mut c) = successor {
+                            let _ = c.kill();
+                            let _ = c.wait();
+                        }
+                    }
+                }
+            }
+        };
+        bound.run(shutdown).await
     });
     data.shutdown_timeout(std::time::Duration::from_secs(1));
     control.shutdown_timeout(std::time::Duration::from_secs(1));

@@ -135,3 +135,80 @@ policy = "failover"
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("listeners.https.cert"), "{stderr}");
 }
+
+/// `check` loads every certificate of the HTTPS listener: the key must
+/// match, the certificate must be valid now, and the summary shows when
+/// each one expires.
+#[test]
+fn certificates_are_verified_and_their_expiry_shown() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).expect("write");
+    let a = rcgen::generate_simple_self_signed(vec!["a.test".to_string()]).expect("cert");
+    let b = rcgen::generate_simple_self_signed(vec!["b.test".to_string()]).expect("cert");
+    write("a.crt", &a.cert.pem());
+    write("a.key", &a.signing_key.serialize_pem());
+    write("b.crt", &b.cert.pem());
+    write("b.key", &b.signing_key.serialize_pem());
+    let mut old = rcgen::CertificateParams::new(vec!["old.test".to_string()]).expect("params");
+    old.not_before = rcgen::date_time_ymd(2019, 1, 1);
+    old.not_after = rcgen::date_time_ymd(2020, 1, 1);
+    let old_key = rcgen::KeyPair::generate().expect("key");
+    write("old.crt", &old.self_signed(&old_key).expect("cert").pem());
+    write("old.key", &old_key.serialize_pem());
+    let check = |https: &str| {
+        let config = format!(
+            r#"
+[edge]
+name = "e"
+location = {{ lat = 50.0, lon = 8.0 }}
+[listeners]
+https = {https}
+[[cells]]
+id = "a"
+region = "a"
+location = {{ lat = 50.0, lon = 8.0 }}
+country = "DE"
+http = ["127.0.0.1:1"]
+[[services]]
+name = "s"
+hosts = ["s.test"]
+cells = ["a"]
+policy = "failover"
+"#
+        );
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, config).expect("write");
+        let out = cellgate().args(["check", "--config"]).arg(&path).output().expect("run");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, _, err) = check(r#"{ listen = "127.0.0.1:0", cert = "a.crt", key = "b.key" }"#);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("listeners.https.cert: key") && err.contains("does not match certificate"),
+        "{err}"
+    );
+    let (code, _, err) = check(r#"{ listen = "127.0.0.1:0", cert = "old.crt", key = "old.key" }"#);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("old.crt` expired on 2020-01-01T00:00:00Z"), "{err}");
+    let (code, _, err) = check(
+        r#"{ listen = "127.0.0.1:0", certs = [{ cert = "a.crt", key = "a.key" }, { cert = "b.crt", key = "a.key" }] }"#,
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("listeners.https.certs[1]: key"), "{err}");
+    let (code, out, err) = check(
+        r#"{ listen = "127.0.0.1:0", certs = [{ cert = "a.crt", key = "a.key" }, { cert = "b.crt", key = "b.key" }] }"#,
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("a.crt: a.test; expires 4096-01-01T00:00:00Z (in "),
+        "{out}"
+    );
+    assert!(
+        out.contains("b.crt: b.test; expires 4096-01-01T00:00:00Z (in "),
+        "{out}"
+    );
+}

@@ -407,8 +407,9 @@ async fn tls_with_http2_and_websocket_stay_on_one_cell() {
     let t = topology(&cells).with(|r| {
         r.listeners.https = Some(cellgate::config::raw::RawTls {
             listen: "127.0.0.1:0".into(),
-            cert: "{dir}/tls.crt".into(),
-            key: "{dir}/tls.key".into(),
+            cert: Some("{dir}/tls.crt".into()),
+            key: Some("{dir}/tls.key".into()),
+            certs: Vec::new(),
         })
     });
     let edge = TestEdge::start_with_files(

@@ -1,23 +1,29 @@
 //! The admin HTTP API (axum). Request and response bodies are the types of
 //! [`crate::contract`].
 
-use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, convert::Infallible, net::IpAddr, sync::Arc, time::Duration};
 
 use axum::{
-    extract::{Path, Query, State},
+    extract::{rejection::QueryRejection, Path, Query, State},
     http::{header, HeaderMap, StatusCode},
-    response::{Html, IntoResponse, Response},
+    response::{
+        sse::{Event, KeepAlive, Sse},
+        Html, IntoResponse, Response,
+    },
     routing::{get, post, put},
-    Json, Router,
+    Extension, Json, Router,
 };
 use cellgate_config::{CellId, Config, Policy, ServiceName};
+use cellgate_fleet::{Change, Expect, IntentKey, IntentRecord};
 use cellgate_routing::{
     steer, CellIdx, CellState, Client, Decision, Drain, DrainMode, EndpointKind, Health, Measurements, OperatorState,
     Outcome, RouteQuery, RoutingTable, ServiceIdx, Timestamp,
 };
 use cellgate_snapshot::Snapshot;
+use futures_util::Stream;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tokio::sync::watch;
 
 use crate::{contract::*, Admin};
 
@@ -56,6 +62,8 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/cells", get(cells))
         .route("/api/v1/services", get(services))
+        .route("/api/v1/history", get(history))
+        .route("/api/v1/events", get(events))
         .route("/api/v1/cells/{id}/drain", post(drain))
         .route("/api/v1/cells/{id}/undrain", post(undrain))
         .route("/api/v1/cells/{id}/weight", put(weight))
@@ -63,6 +71,8 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/api/v1/shards/{service}/{key}", put(pin).delete(unpin))
         .route("/api/v1/explain", get(explain))
         .route("/api/v1/reload", post(reload))
+        .route("/api/v1/fleet", get(fleet))
+        .route("/api/v1/audit", get(audit))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(admin)
 }
@@ -114,7 +124,7 @@ fn cell_idx(table: &RoutingTable, id: &str) -> Result<CellIdx, ApiError> {
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("cell `{id}` is not defined")))
 }
 
-fn state_view(s: CellState) -> CellStateView {
+pub(crate) fn state_view(s: CellState) -> CellStateView {
     match s {
         CellState::Eligible => CellStateView::Eligible,
         CellState::Unknown => CellStateView::Unknown,
@@ -217,17 +227,29 @@ pub(crate) fn cell_view(s: &Snapshot, i: CellIdx, now: Timestamp) -> CellView {
             sticky_requests_10m: tr.map_or(0, |t| t.sticky.sum(now_s)),
             dns_answers_10s: tr.map_or(0, |t| t.dns_answers.sum(now_s)),
         },
+        revisions: None,
     }
 }
 
 async fn cells(State(a): Shared) -> Json<CellsView> {
     let s = a.snapshots.load_full();
     let now = a.now();
+    let fleet = a.intent.fleet.as_ref().map(|f| f.view.borrow().intent.clone());
     Json(CellsView {
         generation: s.generation(),
         prober_blind: s.table.prober_blind,
         cells: (0..s.table.cells.len())
-            .map(|i| cell_view(&s, CellIdx(i as u32), now))
+            .map(|i| {
+                let mut v = cell_view(&s, CellIdx(i as u32), now);
+                v.revisions = fleet.as_ref().map(|f| {
+                    let id = s.table.cell(CellIdx(i as u32)).id.clone();
+                    CellRevisions {
+                        drain: f.mod_revision(&IntentKey::Drain(id.clone())),
+                        weight: f.mod_revision(&IntentKey::Weight(id)),
+                    }
+                });
+                v
+            })
             .collect(),
     })
 }
@@ -261,9 +283,97 @@ async fn services(State(a): Shared) -> Json<ServicesView> {
     })
 }
 
+async fn history(State(a): Shared, q: Result<Query<HistoryQuery>, QueryRejection>) -> ApiResult<HistoryView> {
+    let Query(q) = q.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "invalid query: {}; expected `since_ms=<Unix milliseconds>` or nothing",
+                e.body_text()
+            ),
+        )
+    })?;
+    let edge = a.config.load().edge.name.clone();
+    Ok(Json(a.history.view(q.since_ms, &edge)))
+}
+
+/// Turns true when the admin server stops, so that event streams end and
+/// let the graceful shutdown finish.
+#[derive(Clone, Debug)]
+pub(crate) struct Stopping(pub(crate) watch::Receiver<bool>);
+
+/// What an event stream watches.
+struct Feed {
+    generations: watch::Receiver<u64>,
+    samples: watch::Receiver<u64>,
+    stopping: Option<watch::Receiver<bool>>,
+    started: bool,
+}
+
+/// `GET /api/v1/events`: server-sent events. `table` (data: the table
+/// generation) when a table is published, first with the current one on
+/// connect; `sample` (data: samples taken) when the history has a new
+/// sample. Several changes between two reads make one event (the latest).
+/// Nothing is queued per client.
+async fn events(
+    State(a): Shared,
+    stopping: Option<Extension<Stopping>>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let feed = Feed {
+        generations: a.snapshots.subscribe(),
+        samples: a.history.subscribe(),
+        stopping: stopping.map(|Extension(s)| s.0),
+        started: false,
+    };
+    let stream = futures_util::stream::unfold(feed, |feed| async move {
+        let Feed {
+            mut generations,
+            mut samples,
+            mut stopping,
+            started,
+        } = feed;
+        let event = if !started {
+            samples.borrow_and_update();
+            Some(("table", *generations.borrow_and_update()))
+        } else {
+            let stop = async {
+                match &mut stopping {
+                    Some(s) => {
+                        let _ = s.wait_for(|s| *s).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = generations.changed() => r.ok().map(|()| ("table", *generations.borrow_and_update())),
+                r = samples.changed() => r.ok().map(|()| ("sample", *samples.borrow_and_update())),
+                () = stop => None,
+            }
+        };
+        let (name, n) = event?;
+        let feed = Feed {
+            generations,
+            samples,
+            stopping,
+            started: true,
+        };
+        Some((Ok(Event::default().event(name).data(n.to_string())), feed))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
 /// Where a cell's traffic would go if `after` were the operator state.
 /// Returns the projection and the reasons the guard would refuse.
-fn project(s: &Snapshot, after: &OperatorState, cell: CellIdx, now: Timestamp) -> (Projection, Vec<String>) {
+/// `fleet_rps`: the cell's requests per second summed over the fleet's
+/// live edges, when there is a fleet (the guard then judges the fleet's
+/// traffic, not one edge's).
+fn project(
+    s: &Snapshot,
+    after: &OperatorState,
+    cell: CellIdx,
+    now: Timestamp,
+    fleet_rps: Option<f64>,
+) -> (Projection, Vec<String>) {
     let table = &s.table;
     let what_if = RoutingTable::build(
         table.config.clone(),
@@ -277,7 +387,11 @@ fn project(s: &Snapshot, after: &OperatorState, cell: CellIdx, now: Timestamp) -
     let drained = table.cell(cell);
     let dspec = table.cell_spec(cell);
     let dload = drained.measurement.load.unwrap_or(0.0);
-    let total_rps = s.traffic().cell(cell).map_or(0.0, |t| t.requests_per_sec(now_s));
+    let local_rps = s.traffic().cell(cell).map_or(0.0, |t| t.requests_per_sec(now_s));
+    let total_rps = fleet_rps.unwrap_or(local_rps).max(local_rps);
+    // Per-service figures are local; with a fleet they are scaled to the
+    // fleet's total in this edge's proportions.
+    let scale = if local_rps > 0.0 { total_rps / local_rps } else { 1.0 };
     let mut projected: HashMap<CellIdx, f64> = HashMap::new();
     let mut moves = Vec::new();
     let mut blocked = Vec::new();
@@ -298,7 +412,7 @@ fn project(s: &Snapshot, after: &OperatorState, cell: CellIdx, now: Timestamp) -
             blocked.push(format!("service `{}` would have no eligible cell", svc.name));
             continue;
         }
-        let svc_rps = s.traffic().service_rate(svc_idx, cell, now_s);
+        let svc_rps = s.traffic().service_rate(svc_idx, cell, now_s) * scale;
         let share_of_cell = if total_rps > 0.0 {
             svc_rps / total_rps
         } else {
@@ -368,6 +482,154 @@ fn project(s: &Snapshot, after: &OperatorState, cell: CellIdx, now: Timestamp) -
     )
 }
 
+/// The revision a fleet write expects: `If-Match: "<revision>"` or the
+/// body's `expected_revision` (they must agree when both are given).
+fn expected(headers: &HeaderMap, body: Option<i64>) -> Result<Option<i64>, ApiError> {
+    let header = match headers.get(header::IF_MATCH) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .map(|t| t.trim().trim_start_matches("W/").trim_matches('"'))
+                .and_then(|t| t.parse::<i64>().ok())
+                .filter(|r| *r >= 0)
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "If-Match: expected a revision number, like `If-Match: \"42\"`",
+                    )
+                })?,
+        ),
+    };
+    match (header, body) {
+        (Some(h), Some(b)) if h != b => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("If-Match says revision {h} but expected_revision says {b}"),
+        )),
+        (h, b) => Ok(h.or(b)),
+    }
+}
+
+fn intent_value(r: &IntentRecord) -> IntentValue {
+    match r {
+        IntentRecord::Drain(d) => IntentValue::Drain {
+            mode: d.mode,
+            deadline_ms: d.deadline.map(Timestamp::as_unix_millis),
+            by: d.by.clone(),
+            edge: d.edge.clone(),
+            at_ms: d.at.as_unix_millis(),
+        },
+        IntentRecord::Weight(w) => IntentValue::Weight {
+            weight: w.weight,
+            by: w.by.clone(),
+            edge: w.edge.clone(),
+            at_ms: w.at.as_unix_millis(),
+        },
+        IntentRecord::Pin(p) => IntentValue::Pin {
+            cell: p.cell.to_string(),
+            by: p.by.clone(),
+            edge: p.edge.clone(),
+            at_ms: p.at.as_unix_millis(),
+        },
+    }
+}
+
+/// A fleet error as the API answers it: 409 with the current value, 503
+/// with since when the state is stale.
+fn fleet_error(e: cellgate_fleet::Error) -> ApiError {
+    use cellgate_fleet::Error as E;
+    let message = e.to_string();
+    match e {
+        E::Conflict(c) => ApiError {
+            status: StatusCode::CONFLICT,
+            body: Box::new(ErrorBody {
+                error: message,
+                conflict: Some(ConflictView {
+                    key: c.key.to_string(),
+                    expected_revision: c.expected,
+                    revision: c.revision,
+                    current: c.current.as_ref().map(intent_value),
+                }),
+                ..Default::default()
+            }),
+        },
+        E::Unavailable { since, .. } => ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            body: Box::new(ErrorBody {
+                error: format!("{message}; writes are refused while etcd is unreachable (for one edge only, use \"scope\": \"local\")"),
+                stale_since_ms: since.map(Timestamp::as_unix_millis),
+                ..Default::default()
+            }),
+        },
+        E::Invalid(_) => ApiError::new(StatusCode::BAD_REQUEST, message),
+        E::Denied(_) => ApiError::new(StatusCode::BAD_GATEWAY, message),
+        _ => ApiError::new(StatusCode::BAD_GATEWAY, message),
+    }
+}
+
+impl Admin {
+    /// Makes one change in `scope` (fleet scope without a fleet is local)
+    /// and records the call. Returns the fleet revision, if any.
+    async fn change(
+        &self,
+        change: Change,
+        scope: Scope,
+        expect: Option<i64>,
+        who: &str,
+        call: AuditCall,
+    ) -> Result<Option<i64>, ApiError> {
+        let fleet = scope == Scope::Fleet && self.intent.fleet.is_some();
+        if fleet {
+            match self
+                .intent
+                .change_fleet(&change, Expect::from_revision(expect), who)
+                .await
+            {
+                Ok(revision) => {
+                    self.audit_scoped(who, call, Scope::Fleet, "ok");
+                    Ok(revision)
+                }
+                Err(e) => {
+                    self.audit_scoped(who, call, Scope::Fleet, &format!("error: {e}"));
+                    Err(fleet_error(e))
+                }
+            }
+        } else {
+            if expect.is_some() {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "an expected revision applies to fleet changes only (this change is local)",
+                ));
+            }
+            let scope = if self.intent.fleet.is_some() {
+                Scope::Local
+            } else {
+                Scope::Fleet
+            };
+            match self.intent.change_local(&self.health, &change, self.now()).await {
+                Ok(()) => {
+                    self.audit_scoped(who, call, scope, "ok");
+                    Ok(None)
+                }
+                Err(e) => {
+                    self.audit_scoped(who, call, scope, &format!("error: {e}"));
+                    Err(ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("cannot persist operator state: {e}"),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// The cell's requests per second summed over the fleet, with a fleet.
+    fn fleet_rps(&self, cell: &str) -> Option<f64> {
+        let f = self.intent.fleet.as_ref()?;
+        let h = f.health(cellgate_fleet::now());
+        Some(h.cell(cell).map_or(0.0, |c| c.requests_per_s))
+    }
+}
+
 async fn drain(
     State(a): Shared,
     Path(id): Path<String>,
@@ -381,6 +643,7 @@ async fn drain(
     } else {
         Some(authorize(&a, &headers)?)
     };
+    let expect = expected(&headers, req.expected_revision)?;
     let now = a.now();
     let deadline = match &req.deadline {
         None => None,
@@ -398,10 +661,10 @@ async fn drain(
     };
     let s = a.snapshots.load_full();
     let cell = cell_idx(&s.table, &id)?;
+    let mut after = (*a.intent.effective()).clone();
+    after.drains.insert(CellId::new(&id), drain);
+    let (projection, blocked) = project(&s, &after, cell, now, a.fleet_rps(&id));
     let Some(who) = who else {
-        let mut after = (*a.operator.current()).clone();
-        after.drains.insert(CellId::new(&id), drain);
-        let (projection, blocked) = project(&s, &after, cell, now);
         return Ok(Json(DrainResponse::DryRun(DryRun {
             dry_run: true,
             cell: id,
@@ -413,12 +676,8 @@ async fn drain(
         cell: id.clone(),
         request: req.clone(),
     };
-    let _writer = a.operator.lock().await;
-    let mut after = (*a.operator.current()).clone();
-    after.drains.insert(CellId::new(&id), drain);
-    let (projection, blocked) = project(&s, &after, cell, now);
     if !blocked.is_empty() && !req.force {
-        a.audit(&who, call, "refused by the blast-radius guard");
+        a.audit_scoped(&who, call, req.scope, "refused by the blast-radius guard");
         return Err(ApiError {
             status: StatusCode::CONFLICT,
             body: Box::new(ErrorBody {
@@ -428,11 +687,16 @@ async fn drain(
                 ),
                 reasons: blocked,
                 projection: Some(projection),
-                problems: Vec::new(),
+                ..Default::default()
             }),
         });
     }
-    a.commit(after, &who, call).await?;
+    let change = Change::Drain {
+        cell: CellId::new(&id),
+        mode: req.mode,
+        deadline,
+    };
+    let revision = a.change(change, req.scope, expect, &who, call).await?;
     a.metrics
         .counter(
             "cellgate_admin_drains_total",
@@ -444,17 +708,41 @@ async fn drain(
         drain: Some(drain_view(&drain, now)),
         forced_past: blocked,
         projection,
+        scope: req.scope,
+        revision,
     })))
 }
 
 async fn undrain(State(a): Shared, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<Undrained> {
     let who = authorize(&a, &headers)?;
+    let expect = expected(&headers, None)?;
     cell_idx(&a.snapshots.load().table, &id)?;
-    let _writer = a.operator.lock().await;
-    let mut after = (*a.operator.current()).clone();
-    let was_drained = after.drains.remove(id.as_str()).is_some();
-    a.commit(after, &who, AuditCall::Undrain { cell: id.clone() }).await?;
-    Ok(Json(Undrained { cell: id, was_drained }))
+    let cell = CellId::new(&id);
+    let was_drained = a.intent.effective().drains.contains_key(&cell);
+    // Lift the drain in every scope that holds one.
+    let in_fleet = a
+        .intent
+        .fleet
+        .as_ref()
+        .is_some_and(|f| f.view.borrow().intent.drains.contains_key(&cell));
+    let in_local = a.intent.local.current().drains.contains_key(&cell);
+    let mut revision = None;
+    if in_fleet || (!in_local && a.intent.fleet.is_some()) {
+        let call = AuditCall::Undrain { cell: id.clone() };
+        revision = a
+            .change(Change::Undrain { cell: cell.clone() }, Scope::Fleet, expect, &who, call)
+            .await?;
+    }
+    if in_local || a.intent.fleet.is_none() {
+        let call = AuditCall::Undrain { cell: id.clone() };
+        a.change(Change::Undrain { cell }, Scope::Local, None, &who, call)
+            .await?;
+    }
+    Ok(Json(Undrained {
+        cell: id,
+        was_drained,
+        revision,
+    }))
 }
 
 async fn weight(
@@ -469,18 +757,21 @@ async fn weight(
     if !(req.weight.is_finite() && req.weight >= 0.0) {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("expected {EXPECTED}")));
     }
+    let expect = expected(&headers, req.expected_revision)?;
     cell_idx(&a.snapshots.load().table, &id)?;
-    let _writer = a.operator.lock().await;
-    let mut after = (*a.operator.current()).clone();
-    after.weights.insert(CellId::new(&id), req.weight);
     let call = AuditCall::Weight {
         cell: id.clone(),
         weight: req.weight,
     };
-    a.commit(after, &who, call).await?;
+    let change = Change::Weight {
+        cell: CellId::new(&id),
+        weight: req.weight,
+    };
+    let revision = a.change(change, req.scope, expect, &who, call).await?;
     Ok(Json(Weighted {
         cell: id,
         weight: req.weight,
+        revision,
     }))
 }
 
@@ -493,7 +784,13 @@ fn service_spec<'c>(config: &'c Config, name: &str) -> Result<&'c cellgate_confi
 async fn list_pins(State(a): Shared, Path(service): Path<String>) -> ApiResult<PinsView> {
     let config = a.config.load_full();
     service_spec(&config, &service)?;
-    let op = a.operator.current();
+    let op = a.intent.effective();
+    let fleet = a.intent.fleet.as_ref().map(|f| f.view.borrow().intent.clone());
+    let revision = |key: &str| {
+        fleet
+            .as_ref()
+            .map(|f| f.mod_revision(&IntentKey::Pin(ServiceName::new(&service), key.to_owned())))
+    };
     let mut pins: Vec<PinView> = config
         .pins
         .iter()
@@ -503,6 +800,7 @@ async fn list_pins(State(a): Shared, Path(service): Path<String>) -> ApiResult<P
             key: p.key.clone(),
             cell: p.cell.to_string(),
             source: PinSource::Config,
+            revision: revision(&p.key),
         })
         .collect();
     if let Some(keys) = op.pins.0.get(service.as_str()) {
@@ -510,6 +808,7 @@ async fn list_pins(State(a): Shared, Path(service): Path<String>) -> ApiResult<P
             key: k.clone(),
             cell: c.to_string(),
             source: PinSource::Operator,
+            revision: revision(k),
         }));
     }
     Ok(Json(PinsView { service, pins }))
@@ -522,27 +821,33 @@ async fn pin(
     bytes: axum::body::Bytes,
 ) -> ApiResult<Pinned> {
     let who = authorize(&a, &headers)?;
-    let PinRequest { cell } = required(&bytes, "{\"cell\": \"<cell id>\"}")?;
+    let req: PinRequest = required(&bytes, "{\"cell\": \"<cell id>\"}")?;
+    let expect = expected(&headers, req.expected_revision)?;
     let config = a.config.load_full();
     let spec = service_spec(&config, &service)?;
-    if !spec.cells.iter().any(|c| c.as_str() == cell) {
+    if !spec.cells.iter().any(|c| c.as_str() == req.cell) {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
-            format!("cell `{cell}` does not serve service `{service}`"),
+            format!("cell `{}` does not serve service `{service}`", req.cell),
         ));
     }
-    let _writer = a.operator.lock().await;
-    let mut after = (*a.operator.current()).clone();
-    let mut pins = (*after.pins).clone();
-    pins.insert(ServiceName::new(&service), key.clone(), CellId::new(&cell));
-    after.pins = Arc::new(pins);
     let call = AuditCall::Pin {
         service: service.clone(),
         key: key.clone(),
-        cell: cell.clone(),
+        cell: req.cell.clone(),
     };
-    a.commit(after, &who, call).await?;
-    Ok(Json(Pinned { service, key, cell }))
+    let change = Change::Pin {
+        service: ServiceName::new(&service),
+        key: key.clone(),
+        cell: CellId::new(&req.cell),
+    };
+    let revision = a.change(change, req.scope, expect, &who, call).await?;
+    Ok(Json(Pinned {
+        service,
+        key,
+        cell: req.cell,
+        revision,
+    }))
 }
 
 async fn unpin(
@@ -551,13 +856,22 @@ async fn unpin(
     headers: HeaderMap,
 ) -> ApiResult<Unpinned> {
     let who = authorize(&a, &headers)?;
+    let expect = expected(&headers, None)?;
     let config = a.config.load_full();
     service_spec(&config, &service)?;
-    let _writer = a.operator.lock().await;
-    let mut after = (*a.operator.current()).clone();
-    let mut pins = (*after.pins).clone();
-    let removed = pins.0.get_mut(service.as_str()).and_then(|k| k.remove(&key));
-    let Some(removed) = removed else {
+    let svc = ServiceName::new(&service);
+    let in_fleet = a.intent.fleet.as_ref().and_then(|f| {
+        f.view
+            .borrow()
+            .intent
+            .get(&IntentKey::Pin(svc.clone(), key.clone()))
+            .map(|r| match r {
+                IntentRecord::Pin(p) => p.cell.to_string(),
+                _ => String::new(),
+            })
+    });
+    let in_local = a.intent.local.current().pins.get(&service, &key).map(|c| c.to_string());
+    if in_fleet.is_none() && in_local.is_none() {
         let in_config = config
             .pins
             .iter()
@@ -573,17 +887,31 @@ async fn unpin(
                 format!("key `{key}` of service `{service}` is not pinned"),
             )
         });
-    };
-    after.pins = Arc::new(pins);
-    let call = AuditCall::Unpin {
+    }
+    let mut revision = None;
+    let call = || AuditCall::Unpin {
         service: service.clone(),
         key: key.clone(),
     };
-    a.commit(after, &who, call).await?;
+    if in_fleet.is_some() {
+        let change = Change::Unpin {
+            service: svc.clone(),
+            key: key.clone(),
+        };
+        revision = a.change(change, Scope::Fleet, expect, &who, call()).await?;
+    }
+    if in_local.is_some() {
+        let change = Change::Unpin {
+            service: svc.clone(),
+            key: key.clone(),
+        };
+        a.change(change, Scope::Local, None, &who, call()).await?;
+    }
     Ok(Json(Unpinned {
+        unpinned: in_fleet.or(in_local),
         service,
         key,
-        unpinned: Some(removed.to_string()),
+        revision,
     }))
 }
 
@@ -700,11 +1028,16 @@ async fn reload(State(a): Shared, headers: HeaderMap) -> ApiResult<ReloadResult>
     let who = authorize(&a, &headers)?;
     match a.reload().await {
         Ok(report) => {
-            a.audit(&who, AuditCall::Reload {}, "ok");
+            a.audit_scoped(&who, AuditCall::Reload {}, Scope::Local, "ok");
             Ok(Json(report))
         }
         Err(problems) => {
-            a.audit(&who, AuditCall::Reload {}, "invalid config: kept the running one");
+            a.audit_scoped(
+                &who,
+                AuditCall::Reload {},
+                Scope::Local,
+                "invalid config: kept the running one",
+            );
             Err(ApiError {
                 status: StatusCode::UNPROCESSABLE_ENTITY,
                 body: Box::new(ErrorBody {
@@ -717,20 +1050,111 @@ async fn reload(State(a): Shared, headers: HeaderMap) -> ApiResult<ReloadResult>
     }
 }
 
-impl Admin {
-    /// Saves `op`, publishes it (returning once new requests see it),
-    /// makes it the current state, and records the call.
-    async fn commit(&self, op: OperatorState, who: &str, call: AuditCall) -> Result<(), ApiError> {
-        if let Err(e) = self.store.save(&op) {
-            self.audit(who, call, &format!("error: {e}"));
-            return Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("cannot persist operator state: {e}"),
-            ));
-        }
-        self.health.apply_operator(op.clone()).await;
-        self.operator.set(op);
-        self.audit(who, call, "ok");
-        Ok(())
-    }
+async fn fleet(State(a): Shared) -> Json<FleetStatus> {
+    let Some(f) = &a.intent.fleet else {
+        return Json(FleetStatus {
+            enabled: false,
+            edge: a.edge.clone(),
+            link: LinkView {
+                live: false,
+                since_ms: 0,
+                reason: Some("no [fleet] in the config: this edge's state is its own".into()),
+            },
+            revision: 0,
+            partial_outage: String::new(),
+            edges: Vec::new(),
+            cells: Vec::new(),
+        });
+    };
+    let (link, revision) = {
+        let v = f.view.borrow();
+        let link = match &v.link {
+            cellgate_fleet::Link::Live { since } => LinkView {
+                live: true,
+                since_ms: since.as_unix_millis(),
+                reason: None,
+            },
+            cellgate_fleet::Link::Stale { since, reason } => LinkView {
+                live: false,
+                since_ms: since.as_unix_millis(),
+                reason: Some(reason.clone()),
+            },
+        };
+        (link, v.revision)
+    };
+    let h = f.health(cellgate_fleet::now());
+    Json(FleetStatus {
+        enabled: true,
+        edge: a.edge.clone(),
+        link,
+        revision,
+        partial_outage: match f.rule {
+            cellgate_config::PartialOutage::Majority => "majority".into(),
+            cellgate_config::PartialOutage::Local => "local".into(),
+        },
+        edges: h
+            .edges
+            .iter()
+            .map(|e| FleetEdgeView {
+                edge: e.edge.clone(),
+                alive: e.alive,
+                last_report_ms: e.last_report.as_unix_millis(),
+                age_ms: e.age_ms,
+                intent_revision: e.intent_revision,
+            })
+            .collect(),
+        cells: h
+            .cells
+            .iter()
+            .map(|c| FleetCellView {
+                cell: c.cell.to_string(),
+                verdict: match c.verdict {
+                    cellgate_fleet::FleetVerdict::Up => "up",
+                    cellgate_fleet::FleetVerdict::Down => "down",
+                    cellgate_fleet::FleetVerdict::Partial => "partial",
+                    cellgate_fleet::FleetVerdict::Unknown => "unknown",
+                }
+                .into(),
+                edges_up: c.up,
+                edges_down: c.down,
+                edges_unknown: c.unknown,
+                seen_down_by: c.seen_down_by.clone(),
+                down_everywhere: c.down_everywhere(f.rule),
+                in_flight: c.in_flight,
+                sticky_sessions: c.sticky_sessions,
+                requests_per_s: c.requests_per_s,
+                dns_answers: c.dns_answers,
+            })
+            .collect(),
+    })
+}
+
+#[derive(serde::Deserialize)]
+struct AuditQuery {
+    limit: Option<usize>,
+}
+
+async fn audit(State(a): Shared, Query(q): Query<AuditQuery>) -> ApiResult<AuditView> {
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let fleet = match &a.intent.fleet {
+        Some(f) => f
+            .writer
+            .audit(limit)
+            .await
+            .map_err(fleet_error)?
+            .into_iter()
+            .map(|e| FleetAuditLine {
+                revision: e.revision,
+                time_ms: e.record.at.as_unix_millis(),
+                by: e.record.by,
+                edge: e.record.edge,
+                change: e.record.change,
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    Ok(Json(AuditView {
+        fleet,
+        local: a.audit_tail(limit),
+    }))
 }

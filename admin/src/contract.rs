@@ -8,6 +8,23 @@
 use cellgate_routing::DrainMode;
 use serde::{Deserialize, Serialize};
 
+/// Where a change applies: the whole fleet (through etcd, the default
+/// when `[fleet]` is configured) or this edge only (an emergency change
+/// that works without etcd; audited and shown as local).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    #[default]
+    Fleet,
+    Local,
+}
+
+impl Scope {
+    pub fn is_fleet(&self) -> bool {
+        *self == Scope::Fleet
+    }
+}
+
 /// `POST /api/v1/cells/{id}/drain`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -26,6 +43,13 @@ pub struct DrainRequest {
     /// Drain even if the blast-radius guard refuses.
     #[serde(default)]
     pub force: bool,
+    /// `fleet` (default) or `local` (this edge only).
+    #[serde(default, skip_serializing_if = "Scope::is_fleet")]
+    pub scope: Scope,
+    /// With a fleet: the key's revision this change expects (409 when it
+    /// moved; 0: that it does not exist). Also `If-Match: "<revision>"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_revision: Option<i64>,
 }
 
 /// `PUT /api/v1/cells/{id}/weight`.
@@ -34,6 +58,10 @@ pub struct DrainRequest {
 pub struct WeightRequest {
     /// A multiplier (≥ 0) of the cell's configured capacity.
     pub weight: f64,
+    #[serde(default, skip_serializing_if = "Scope::is_fleet")]
+    pub scope: Scope,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_revision: Option<i64>,
 }
 
 /// `PUT /api/v1/shards/{service}/{key}`.
@@ -41,6 +69,10 @@ pub struct WeightRequest {
 #[serde(deny_unknown_fields)]
 pub struct PinRequest {
     pub cell: String,
+    #[serde(default, skip_serializing_if = "Scope::is_fleet")]
+    pub scope: Scope,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_revision: Option<i64>,
 }
 
 /// `GET /api/v1/explain` query.
@@ -68,6 +100,49 @@ pub struct ErrorBody {
     /// What is wrong with a config a reload refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<String>,
+    /// A fleet write that lost a race (409): what the key holds now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflict: Option<ConflictView>,
+    /// etcd is unreachable (503): the fleet state this edge has is stale
+    /// since then (Unix milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_since_ms: Option<u64>,
+}
+
+/// The current value of a key a write expected at another revision.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConflictView {
+    /// Like `drains/eu-west`.
+    pub key: String,
+    pub expected_revision: i64,
+    /// The key's revision now (0: it does not exist).
+    pub revision: i64,
+    pub current: Option<IntentValue>,
+}
+
+/// A fleet intent record as the API shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum IntentValue {
+    Drain {
+        mode: DrainMode,
+        deadline_ms: Option<u64>,
+        by: String,
+        edge: String,
+        at_ms: u64,
+    },
+    Weight {
+        weight: f64,
+        by: String,
+        edge: String,
+        at_ms: u64,
+    },
+    Pin {
+        cell: String,
+        by: String,
+        edge: String,
+        at_ms: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,6 +198,18 @@ pub struct CellView {
     pub weight: f64,
     pub drain: Option<DrainView>,
     pub traffic: TrafficView,
+    /// With a fleet: the etcd revisions of this cell's drain and weight
+    /// keys, what a change names in `If-Match` to be refused (409) should
+    /// another operator have changed the key since it was read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revisions: Option<CellRevisions>,
+}
+
+/// The etcd `mod_revision` of a cell's keys; 0: the key does not exist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CellRevisions {
+    pub drain: i64,
+    pub weight: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -237,6 +324,11 @@ pub struct Drained {
     /// What the guard would have refused, overridden with `force`.
     pub forced_past: Vec<String>,
     pub projection: Projection,
+    #[serde(default)]
+    pub scope: Scope,
+    /// The fleet revision of the change (fleet scope).
+    #[serde(default)]
+    pub revision: Option<i64>,
 }
 
 /// `POST /api/v1/cells/{id}/undrain`.
@@ -244,6 +336,8 @@ pub struct Drained {
 pub struct Undrained {
     pub cell: String,
     pub was_drained: bool,
+    #[serde(default)]
+    pub revision: Option<i64>,
 }
 
 /// `PUT /api/v1/cells/{id}/weight`.
@@ -251,6 +345,8 @@ pub struct Undrained {
 pub struct Weighted {
     pub cell: String,
     pub weight: f64,
+    #[serde(default)]
+    pub revision: Option<i64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -272,6 +368,10 @@ pub struct PinView {
     pub key: String,
     pub cell: String,
     pub source: PinSource,
+    /// With a fleet: the etcd revision of this key's pin (0: none in
+    /// etcd), for `If-Match`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<i64>,
 }
 
 /// `PUT /api/v1/shards/{service}/{key}`.
@@ -280,6 +380,8 @@ pub struct Pinned {
     pub service: String,
     pub key: String,
     pub cell: String,
+    #[serde(default)]
+    pub revision: Option<i64>,
 }
 
 /// `DELETE /api/v1/shards/{service}/{key}`.
@@ -288,6 +390,8 @@ pub struct Unpinned {
     pub service: String,
     pub key: String,
     pub unpinned: Option<String>,
+    #[serde(default)]
+    pub revision: Option<i64>,
 }
 
 /// `GET /api/v1/explain`.
@@ -355,6 +459,9 @@ pub struct AuditEntry {
     pub token: String,
     #[serde(flatten)]
     pub call: AuditCall,
+    /// `fleet` (through etcd) or `local` (this edge only).
+    #[serde(default)]
+    pub scope: Scope,
     pub result: String,
 }
 
@@ -382,4 +489,123 @@ impl AuditCall {
             AuditCall::Reload {} => "reload",
         }
     }
+}
+
+/// `GET /api/v1/fleet`: the fleet as this edge sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FleetStatus {
+    /// False without `[fleet]` (the rest is then empty).
+    pub enabled: bool,
+    /// This edge's name.
+    pub edge: String,
+    pub link: LinkView,
+    /// The last etcd revision this edge applied.
+    pub revision: i64,
+    /// `majority` or `local`: what a partial outage does to steering.
+    pub partial_outage: String,
+    pub edges: Vec<FleetEdgeView>,
+    pub cells: Vec<FleetCellView>,
+}
+
+/// Whether this edge's fleet state is current.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkView {
+    pub live: bool,
+    /// Live since, or stale since (Unix milliseconds).
+    pub since_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetEdgeView {
+    pub edge: String,
+    pub alive: bool,
+    pub last_report_ms: u64,
+    pub age_ms: u64,
+    pub intent_revision: i64,
+}
+
+/// One cell across the fleet.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FleetCellView {
+    pub cell: String,
+    /// `up`, `down`, `partial` (some live edges see it down, others up) or
+    /// `unknown`.
+    pub verdict: String,
+    pub edges_up: u32,
+    pub edges_down: u32,
+    pub edges_unknown: u32,
+    pub seen_down_by: Vec<String>,
+    /// The partial-outage rule treats it as down on every edge.
+    pub down_everywhere: bool,
+    /// Summed over live edges: a drain's progress.
+    pub in_flight: u64,
+    pub sticky_sessions: u64,
+    pub requests_per_s: f64,
+    pub dns_answers: u64,
+}
+
+/// `GET /api/v1/audit`: who changed what, newest first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditView {
+    /// Fleet changes from etcd (empty without a fleet).
+    pub fleet: Vec<FleetAuditLine>,
+    /// This edge's audit log (every call, local-scope changes included).
+    pub local: Vec<AuditEntry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FleetAuditLine {
+    pub revision: i64,
+    pub time_ms: u64,
+    pub by: String,
+    pub edge: String,
+    pub change: cellgate_fleet::Change,
+}
+
+/// `GET /api/v1/history` query.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryQuery {
+    /// Only the samples taken after this time (Unix milliseconds), to
+    /// follow the history without fetching all of it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_ms: Option<u64>,
+}
+
+/// `GET /api/v1/history`: the last `window_ms` of every cell, sampled
+/// every `period_ms` on the edge's clock, oldest first. Every series of a
+/// cell has one entry per entry of `times_ms`; `null` where the cell did
+/// not exist yet (a reload added it) or, for RTT and load, where nothing
+/// was measured.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HistoryView {
+    /// The edge's name (`edge.name`).
+    pub edge: String,
+    pub period_ms: u64,
+    pub window_ms: u64,
+    /// When each sample was taken (Unix milliseconds, edge clock).
+    pub times_ms: Vec<u64>,
+    /// The cells of the current config, in config order.
+    pub cells: Vec<CellHistoryView>,
+}
+
+/// One cell's series in a [`HistoryView`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CellHistoryView {
+    pub id: String,
+    /// Proxied requests and L4 connections per second (10 s average).
+    pub requests_per_s: Vec<Option<f64>>,
+    pub rtt_p99_ms: Vec<Option<f64>>,
+    /// Utilisation 0..=1 reported by the cell.
+    pub load: Vec<Option<f64>>,
+    /// Requests and connections open to the cell's endpoints.
+    pub in_flight: Vec<Option<u32>>,
+    /// Requests that carried a sticky cookie naming the cell, last 10 min.
+    pub sticky_requests_10m: Vec<Option<u32>>,
+    /// DNS answers naming the cell per second (10 s average).
+    pub dns_answers_per_s: Vec<Option<f64>>,
+    pub state: Vec<Option<CellStateView>>,
+    pub over_limit: Vec<Option<bool>>,
 }

@@ -1,9 +1,11 @@
 //! cellgate admin: what SREs touch.
 //!
 //! An axum HTTP server on the admin listener: `/api/v1/` (JSON) to see
-//! cells and their live traffic, drain (with a dry run and a blast-radius
-//! guard) and undrain, weigh, pin shard keys, explain a decision and reload
-//! the config; `/metrics` (Prometheus); `/` (a self-refreshing status page).
+//! cells and their live traffic and their last 15 minutes ([`History`]),
+//! follow changes as server-sent events, drain (with a dry run and a
+//! blast-radius guard) and undrain, weigh, pin shard keys, explain a
+//! decision and reload the config; `/metrics` (Prometheus); `/` (a live
+//! status page with charts, drawn by its own script).
 //! Every body is a type of [`contract`]. Mutations need
 //! `Authorization: Bearer <token>` (compared in constant time), are
 //! persisted through an [`OperatorStore`] and appended to the audit log.
@@ -16,6 +18,8 @@
 
 mod api;
 pub mod contract;
+pub mod history;
+mod intent;
 mod store;
 
 use std::{
@@ -35,6 +39,8 @@ use sha2::{Digest, Sha256};
 
 pub use api::router;
 use contract::{AuditCall, AuditEntry, ReloadResult};
+pub use history::History;
+pub use intent::{apply_change, compose, FleetLink, Intent};
 pub use store::{decode as decode_state, encode as encode_state, FileStore, MemoryStore, OperatorStore, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +121,18 @@ pub fn check(config: &Config) -> Vec<Problem> {
     problems
 }
 
+/// Registers (at 0) the admin's counters, so a dashboard's `increase()`
+/// counts the first drain and the first reload too, and a scrape names
+/// them before they happen.
+pub fn register_metrics(metrics: &Metrics) {
+    for mode in ["soft", "hard"] {
+        let _ = metrics.counter("cellgate_admin_drains_total", &[("mode", mode)]);
+    }
+    for result in ["ok", "error"] {
+        let _ = metrics.counter("cellgate_config_reloads_total", &[("result", result)]);
+    }
+}
+
 /// What a reload must open and check besides the config itself (the geo
 /// database, TLS certificates): the edge provides it.
 pub trait Resources: Send + Sync {
@@ -161,7 +179,7 @@ impl OperatorCell {
     pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
         self.writer.lock().await
     }
-    fn set(&self, state: OperatorState) {
+    pub(crate) fn set(&self, state: OperatorState) {
         self.current.store(Arc::new(state));
     }
 }
@@ -174,19 +192,25 @@ pub struct Admin {
     /// in (the demo).
     pub config_path: Option<PathBuf>,
     pub config: ArcSwap<Config>,
-    pub operator: OperatorCell,
-    pub store: Box<dyn OperatorStore>,
+    /// Drains, weights and pins: local, or the fleet's in etcd.
+    pub intent: Arc<Intent>,
+    /// This edge's name (in audit records).
+    pub edge: String,
     pub tokens: ArcSwap<Vec<Token>>,
     pub audit: Option<Mutex<std::fs::File>>,
     pub metrics: Metrics,
     pub sticky: Option<StickyKey>,
     pub resources: Arc<dyn Resources>,
+    /// The last minutes of every cell (sampled by [`History::run`], which
+    /// the edge starts with its control plane).
+    pub history: Arc<History>,
 }
 
 impl std::fmt::Debug for Admin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Admin")
-            .field("store", &self.store)
+            .field("edge", &self.edge)
+            .field("intent", &self.intent)
             .finish_non_exhaustive()
     }
 }
@@ -199,6 +223,16 @@ impl Admin {
 
     /// Appends one mutation to the audit log and logs it.
     pub fn audit(&self, who: &str, call: AuditCall, result: &str) {
+        let scope = if self.intent.fleet.is_some() {
+            contract::Scope::Fleet
+        } else {
+            contract::Scope::Local
+        };
+        self.audit_scoped(who, call, scope, result)
+    }
+
+    /// [`Admin::audit`] of a change in `scope`.
+    pub fn audit_scoped(&self, who: &str, call: AuditCall, scope: contract::Scope, result: &str) {
         let now = self.now();
         let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(now.as_unix_millis());
         let entry = AuditEntry {
@@ -206,6 +240,7 @@ impl Admin {
             time: humantime::format_rfc3339_seconds(time).to_string(),
             token: who.to_owned(),
             call,
+            scope,
             result: result.to_owned(),
         };
         let line = serde_json::to_string(&entry).unwrap_or_default();
@@ -216,6 +251,22 @@ impl Admin {
                 tracing::error!(error = %e, "cannot append to the audit log");
             }
         }
+    }
+
+    /// The newest `limit` lines of the audit log, newest first.
+    pub fn audit_tail(&self, limit: usize) -> Vec<AuditEntry> {
+        let Some(path) = self.config.load().admin.audit_log.clone() else {
+            return Vec::new();
+        };
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let mut lines: Vec<AuditEntry> = text
+            .lines()
+            .rev()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .take(limit)
+            .collect();
+        lines.truncate(limit);
+        lines
     }
 
     /// Re-reads and validates the config file and what it names. On
@@ -320,13 +371,19 @@ impl Admin {
     }
 }
 
-/// Serves the admin API on a bound listener until `shutdown` resolves.
+/// Serves the admin API on a bound listener until `shutdown` resolves
+/// (event streams end then, so open status pages do not hold it up).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     admin: Arc<Admin>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let app = router(admin);
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let app = router(admin).layer(axum::Extension(api::Stopping(stopping)));
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopping_tx.send(true);
+    };
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
         tracing::error!(error = %e, "admin server stopped");
     }

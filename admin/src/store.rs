@@ -6,7 +6,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    io::Write,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -182,28 +181,7 @@ impl OperatorStore for FileStore {
     }
 
     fn save(&self, state: &OperatorState) -> Result<(), StoreError> {
-        let dir = self
-            .path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let tmp = dir.join(format!(
-            ".{}.tmp-{}",
-            self.path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
-            std::process::id()
-        ));
-        let body = encode(state);
-        {
-            let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-            f.write_all(&body).map_err(io(&tmp))?;
-            f.sync_all().map_err(io(&tmp))?;
-        }
-        std::fs::rename(&tmp, &self.path).map_err(io(&self.path))?;
-        // Make the rename itself durable.
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        cellgate_config::file::write_atomic(&self.path, &encode(state)).map_err(io(&self.path))
     }
 
     fn describe(&self) -> String {

@@ -15,6 +15,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod file;
 mod load;
 mod model;
 pub mod raw;

@@ -677,7 +677,77 @@ impl Validator {
                 format!("{max_retries} is out of range: expected 0 to 7"),
             );
         }
+        let header_timeout = self.duration("proxy.header_timeout", raw.header_timeout.as_ref(), d.header_timeout);
+        if header_timeout.is_zero() {
+            self.problem("proxy.header_timeout", "must be greater than zero");
+        }
+        let h2_idle_timeout = self.duration("proxy.h2_idle_timeout", raw.h2_idle_timeout.as_ref(), d.h2_idle_timeout);
+        if h2_idle_timeout.is_zero() {
+            self.problem("proxy.h2_idle_timeout", "must be greater than zero");
+        }
+        let h2_ping_timeout = self.duration("proxy.h2_ping_timeout", raw.h2_ping_timeout.as_ref(), d.h2_ping_timeout);
+        if h2_ping_timeout.is_zero() {
+            self.problem("proxy.h2_ping_timeout", "must be greater than zero");
+        }
+        let websocket_idle_timeout = self.duration(
+            "proxy.websocket_idle_timeout",
+            raw.websocket_idle_timeout.as_ref(),
+            d.websocket_idle_timeout,
+        );
+        if websocket_idle_timeout.is_zero() {
+            self.problem("proxy.websocket_idle_timeout", "must be greater than zero");
+        }
+        let max_request_head_bytes = raw
+            .max_request_head_bytes
+            .map_or(d.max_request_head_bytes, |n| n as usize);
+        if !(1024..=MAX_HEAD_BYTES).contains(&max_request_head_bytes) {
+            self.problem(
+                "proxy.max_request_head_bytes",
+                format!("{max_request_head_bytes} is out of range: expected 1024 to {MAX_HEAD_BYTES} (bytes)"),
+            );
+        }
+        let max_request_headers = raw.max_request_headers.map_or(d.max_request_headers, |n| n as usize);
+        if !(1..=MAX_HEADERS).contains(&max_request_headers) {
+            self.problem(
+                "proxy.max_request_headers",
+                format!("{max_request_headers} is out of range: expected 1 to {MAX_HEADERS}"),
+            );
+        }
+        let via = match raw.via.as_deref() {
+            None => d.via.clone(),
+            Some("") => None,
+            Some(v) if v.bytes().all(is_token_byte) => Some(v.to_owned()),
+            Some(v) => {
+                self.problem(
+                    "proxy.via",
+                    format!(
+                        "invalid pseudonym `{v}`: expected letters, digits and `-._~!#$&'*+^`|`, or \"\" for no Via"
+                    ),
+                );
+                None
+            }
+        };
         ProxySettings {
+            header_timeout,
+            keepalive_timeout: self.duration(
+                "proxy.keepalive_timeout",
+                raw.keepalive_timeout.as_ref(),
+                d.keepalive_timeout,
+            ),
+            h2_idle_timeout,
+            h2_ping_interval: self.duration(
+                "proxy.h2_ping_interval",
+                raw.h2_ping_interval.as_ref(),
+                d.h2_ping_interval,
+            ),
+            h2_ping_timeout,
+            max_client_connections: raw
+                .max_client_connections
+                .map_or(d.max_client_connections, |n| n.max(1) as usize),
+            max_request_head_bytes: max_request_head_bytes.clamp(1024, MAX_HEAD_BYTES),
+            max_request_headers: max_request_headers.clamp(1, MAX_HEADERS),
+            websocket_idle_timeout,
+            via,
             threads: threads.clamp(1, 256),
             connect_timeout: self.duration("proxy.connect_timeout", raw.connect_timeout.as_ref(), d.connect_timeout),
             read_timeout: self.duration("proxy.read_timeout", raw.read_timeout.as_ref(), d.read_timeout),
@@ -715,8 +785,17 @@ impl Validator {
                 "must not be shorter than `passive.base_ejection`",
             );
         }
+        let min_sources = raw.min_sources.unwrap_or(d.min_sources);
+        if !(1..=4).contains(&min_sources) {
+            self.problem(
+                "passive.min_sources",
+                format!("{min_sources} is out of range: expected 1 to 4"),
+            );
+        }
         Passive {
             consecutive_failures: raw.consecutive_failures.unwrap_or(d.consecutive_failures),
+            count_5xx: raw.count_5xx.unwrap_or(d.count_5xx),
+            min_sources: min_sources.clamp(1, 4),
             base_ejection,
             max_ejection,
             max_ejected_fraction: self.fraction(
@@ -918,9 +997,11 @@ impl Validator {
             .http_host
             .as_ref()
             .and_then(|h| self.http_host(&format!("{key}.http_host"), h));
+        let http_protocol = self.http_protocol(key, c, http_host.as_deref());
         Cell {
             id: CellId::new(&c.id),
             http_host,
+            http_protocol,
             region: c.region.clone(),
             location,
             country,
@@ -931,6 +1012,57 @@ impl Validator {
             dns_v4,
             dns_v6,
             health,
+        }
+    }
+
+    fn http_protocol(&mut self, key: &str, c: &RawCell, http_host: Option<&str>) -> HttpProtocol {
+        let proto = c.http_protocol.unwrap_or(RawHttpProtocol::Http1);
+        if proto != RawHttpProtocol::H2 {
+            for (field, set) in [
+                ("tls_server_name", c.tls_server_name.is_some()),
+                ("tls_ca", c.tls_ca.is_some()),
+            ] {
+                if set {
+                    self.problem(
+                        format!("{key}.{field}"),
+                        "only used with http_protocol = \"h2\" (TLS to the cell)",
+                    );
+                }
+            }
+        }
+        match proto {
+            RawHttpProtocol::Http1 => HttpProtocol::Http1,
+            RawHttpProtocol::H2c => HttpProtocol::H2c,
+            RawHttpProtocol::H2 => {
+                // The name the cell's certificate carries: explicit, else the
+                // Host the cell expects (without its port).
+                let from_host = http_host.map(|h| {
+                    h.rsplit_once(':')
+                        .filter(|(_, p)| p.parse::<u16>().is_ok())
+                        .map_or(h, |(n, _)| n)
+                });
+                let server_name = match c.tls_server_name.as_deref().or(from_host) {
+                    Some(n) if dns_name(n).is_some() || n.parse::<IpAddr>().is_ok() => n.to_ascii_lowercase(),
+                    Some(n) => {
+                        self.problem(
+                            format!("{key}.tls_server_name"),
+                            format!("invalid server name `{n}`: expected a DNS name or an IP address"),
+                        );
+                        String::new()
+                    }
+                    None => {
+                        self.problem(
+                            format!("{key}.tls_server_name"),
+                            "http_protocol = \"h2\" needs the name the cell's certificate carries (`tls_server_name`, or `http_host`)",
+                        );
+                        String::new()
+                    }
+                };
+                HttpProtocol::H2(UpstreamTls {
+                    server_name,
+                    ca: c.tls_ca.as_ref().map(|p| self.path(p)),
+                })
+            }
         }
     }
 
@@ -1231,8 +1363,8 @@ impl Validator {
             http: raw.http.as_ref().and_then(|a| self.socket_addr("listeners.http", a)),
             https: raw.https.as_ref().and_then(|t| {
                 let addr = self.socket_addr("listeners.https.listen", &t.listen);
-                let (cert, key) = (self.path(&t.cert), self.path(&t.key));
-                addr.map(|addr| TlsListener { addr, cert, key })
+                let certs = self.tls_certs(t);
+                addr.map(|addr| TlsListener { addr, certs })
             }),
             dns: raw.dns.as_ref().and_then(|a| self.socket_addr("listeners.dns", a)),
             admin: raw.admin.as_ref().and_then(|a| self.socket_addr("listeners.admin", a)),
@@ -1286,6 +1418,37 @@ impl Validator {
             self.problem(k, m);
         }
         l
+    }
+
+    /// `cert` + `key` (one certificate) or `certs` (several, chosen by SNI).
+    fn tls_certs(&mut self, t: &RawTls) -> Vec<CertFiles> {
+        let mut certs = Vec::new();
+        match (&t.cert, &t.key) {
+            (Some(cert), Some(key)) => certs.push(CertFiles {
+                cert: self.path(cert),
+                key: self.path(key),
+            }),
+            (Some(_), None) => self.problem("listeners.https.key", "`cert` needs its `key`"),
+            (None, Some(_)) => self.problem("listeners.https.cert", "`key` needs its `cert`"),
+            (None, None) => {}
+        }
+        if !certs.is_empty() && !t.certs.is_empty() {
+            self.problem(
+                "listeners.https.certs",
+                "use either `cert` and `key` (one certificate) or `certs` (a list), not both",
+            );
+        }
+        certs.extend(t.certs.iter().map(|c| CertFiles {
+            cert: self.path(&c.cert),
+            key: self.path(&c.key),
+        }));
+        if certs.is_empty() && t.cert.is_none() && t.key.is_none() {
+            self.problem(
+                "listeners.https",
+                "no certificate: expected `cert` and `key`, or `certs = [{ cert = \"...\", key = \"...\" }]`",
+            );
+        }
+        certs
     }
 
     fn pins(&mut self, raw: &[RawPin], services: &[Service]) -> Vec<Pin> {
@@ -1366,6 +1529,15 @@ impl Validator {
             }
         }
     }
+}
+
+/// pingora's own ceilings for a request head: 256 header fields, 1 MiB.
+const MAX_HEADERS: usize = 256;
+const MAX_HEAD_BYTES: usize = 1024 * 1024;
+
+/// RFC 9110 `tchar`.
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 fn valid_id(s: &str) -> bool {

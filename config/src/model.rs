@@ -179,6 +179,15 @@ pub struct Listeners {
 #[derive(Clone, Debug, PartialEq)]
 pub struct TlsListener {
     pub addr: SocketAddr,
+    /// Never empty. A client's SNI picks the certificate whose names match;
+    /// the first one serves clients without SNI or with an unknown name.
+    pub certs: Vec<CertFiles>,
+}
+
+/// A PEM certificate chain and its private key (checked by the proxy when
+/// it loads them, not by config parsing).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
@@ -215,11 +224,35 @@ pub struct Cell {
     /// The `Host` this cell expects on proxied requests; `None` passes the
     /// client's on unchanged.
     pub http_host: Option<String>,
+    /// How the proxy speaks HTTP to the `http` endpoints.
+    pub http_protocol: HttpProtocol,
     pub tcp: Vec<SocketAddr>,
     /// Addresses DNS answers with for this cell.
     pub dns_v4: Vec<Ipv4Addr>,
     pub dns_v6: Vec<Ipv6Addr>,
     pub health: HealthCheck,
+}
+
+/// The HTTP version the proxy uses towards a cell's endpoints.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum HttpProtocol {
+    /// HTTP/1.1 over plain TCP (the default).
+    #[default]
+    Http1,
+    /// HTTP/2 over plain TCP with prior knowledge (gRPC backends).
+    H2c,
+    /// HTTP/2 over TLS, negotiated with ALPN `h2`.
+    H2(UpstreamTls),
+}
+
+/// TLS towards a cell's endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// SNI and the name the endpoint's certificate must carry.
+    pub server_name: String,
+    /// CA certificates (PEM) that sign the endpoints' certificates; `None`:
+    /// the system's roots.
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -405,9 +438,18 @@ pub struct GeoNetwork {
 /// Passive health: ejecting endpoints on real-traffic failures.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Passive {
-    /// Consecutive failed requests (connect error, timeout, 5xx) that eject
-    /// an endpoint. 0 turns passive ejection off.
+    /// Consecutive failed requests that eject an endpoint: connect
+    /// failures, timeouts, resets, protocol errors and 502–504 answers
+    /// (other 5xx only with `count_5xx`). 0 turns passive ejection off.
     pub consecutive_failures: u32,
+    /// Count application 5xx answers (500, 501, 505…) as failures. Off by
+    /// default: an application that answers 500 to one path is alive, and
+    /// a client could otherwise eject a cell by asking for that path.
+    pub count_5xx: bool,
+    /// Distinct client sources (addresses, IPv6 by /64) the failures of a
+    /// streak must come from before it ejects, 1 to 4; connect failures
+    /// count whoever sent the request (a client cannot cause them).
+    pub min_sources: u32,
     /// First ejection's length; each repeated ejection doubles it.
     pub base_ejection: Duration,
     pub max_ejection: Duration,
@@ -420,6 +462,8 @@ impl Default for Passive {
     fn default() -> Self {
         Self {
             consecutive_failures: 3,
+            count_5xx: false,
+            min_sources: 2,
             base_ejection: Duration::from_secs(2),
             max_ejection: Duration::from_secs(30),
             max_ejected_fraction: 0.5,
@@ -476,6 +520,34 @@ pub struct ProxySettings {
     pub l4_idle_timeout: Duration,
     /// L4 passthrough: how long a client may take to send its ClientHello.
     pub client_hello_timeout: Duration,
+    /// HTTP: time a client has to send a whole request head, from the
+    /// accept (TLS handshake included) for the first request and from its
+    /// first byte for later ones; then 408 and close.
+    pub header_timeout: Duration,
+    /// HTTP/1: idle time allowed between requests on a connection; zero
+    /// turns keep-alive off.
+    pub keepalive_timeout: Duration,
+    /// HTTP/2: a client connection with no open stream for this long is
+    /// closed.
+    pub h2_idle_timeout: Duration,
+    /// HTTP/2: a client connection is sent a PING this often (zero: never)
+    /// and closed when the answer takes longer than `h2_ping_timeout`.
+    pub h2_ping_interval: Duration,
+    pub h2_ping_timeout: Duration,
+    /// HTTP and HTTPS: client connections open at once per listener; more
+    /// are closed at accept (`cellgate_connections_rejected_total`).
+    pub max_client_connections: usize,
+    /// Request line and headers (HTTP/1), header list (HTTP/2), in bytes;
+    /// larger heads get 431.
+    pub max_request_head_bytes: usize,
+    /// Header fields per request, at most 256; more get 431.
+    pub max_request_headers: usize,
+    /// Upgraded connections (WebSocket): closed after this long with no
+    /// bytes in one direction; also bounds the wait for the `101`.
+    pub websocket_idle_timeout: Duration,
+    /// The pseudonym this proxy adds to `Via` (RFC 9110 §7.6.3) on
+    /// requests and responses; `None`: no `Via`.
+    pub via: Option<String>,
 }
 
 impl Default for ProxySettings {
@@ -492,6 +564,16 @@ impl Default for ProxySettings {
             max_connections: 10_000,
             l4_idle_timeout: Duration::from_secs(300),
             client_hello_timeout: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(60),
+            h2_idle_timeout: Duration::from_secs(60),
+            h2_ping_interval: Duration::from_secs(30),
+            h2_ping_timeout: Duration::from_secs(10),
+            max_client_connections: 10_000,
+            max_request_head_bytes: 64 * 1024,
+            max_request_headers: 100,
+            websocket_idle_timeout: Duration::from_secs(300),
+            via: Some("cellgate".into()),
         }
     }
 }

@@ -217,6 +217,16 @@ pub struct RawProxy {
     pub max_connections: Option<u32>,
     pub l4_idle_timeout: Option<String>,
     pub client_hello_timeout: Option<String>,
+    pub header_timeout: Option<String>,
+    pub keepalive_timeout: Option<String>,
+    pub h2_idle_timeout: Option<String>,
+    pub h2_ping_interval: Option<String>,
+    pub h2_ping_timeout: Option<String>,
+    pub max_client_connections: Option<u32>,
+    pub max_request_head_bytes: Option<u32>,
+    pub max_request_headers: Option<u32>,
+    pub websocket_idle_timeout: Option<String>,
+    pub via: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Default, Clone, Debug)]
@@ -226,6 +236,8 @@ pub struct RawPassive {
     pub base_ejection: Option<String>,
     pub max_ejection: Option<String>,
     pub max_ejected_fraction: Option<f64>,
+    pub count_5xx: Option<bool>,
+    pub min_sources: Option<u32>,
 }
 
 #[derive(Serialize, Deserialize, Default, Clone, Debug)]
@@ -267,6 +279,17 @@ pub struct RawListeners {
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
     pub listen: String,
+    /// Shorthand for one certificate: `cert` and `key` together.
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    /// Certificates chosen by SNI; the first is the default.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certs: Vec<RawCert>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawCert {
     pub cert: String,
     pub key: String,
 }
@@ -320,11 +343,23 @@ pub struct RawCell {
     #[serde(default)]
     pub http: Vec<String>,
     pub http_host: Option<String>,
+    pub http_protocol: Option<RawHttpProtocol>,
+    pub tls_server_name: Option<String>,
+    pub tls_ca: Option<String>,
     #[serde(default)]
     pub tcp: Vec<String>,
     #[serde(default)]
     pub dns: Vec<String>,
     pub health: Option<RawHealth>,
+}
+
+/// How the proxy talks HTTP to a cell's endpoints.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RawHttpProtocol {
+    Http1,
+    H2c,
+    H2,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug)]

@@ -228,8 +228,8 @@ fn parsing_never_touches_the_file_system() {
     ) + "\n[geo]\nmmdb = \"GeoLite2-City.mmdb\"\n[admin]\nstate_file = \"/nonexistent/dir/state.json\"\n";
     let c = parse_str(&t).expect("paths are not checked while parsing");
     let https = c.listeners.https.expect("https");
-    assert_eq!(https.cert, std::path::Path::new("/etc/cellgate/nope.crt"));
-    assert_eq!(https.key, std::path::Path::new("/nonexistent/k.pem"));
+    assert_eq!(https.certs[0].cert, std::path::Path::new("/etc/cellgate/nope.crt"));
+    assert_eq!(https.certs[0].key, std::path::Path::new("/nonexistent/k.pem"));
     assert_eq!(
         c.geo.mmdb.as_deref(),
         Some(std::path::Path::new("/etc/cellgate/GeoLite2-City.mmdb"))
@@ -249,7 +249,74 @@ fn existing_files_resolve_relative_to_the_config() {
     std::fs::write(&path, t).expect("write");
     let c = load(&path).expect("valid");
     let https = c.listeners.https.expect("https");
-    assert_eq!(https.cert, dir.path().join("tls.crt"));
+    assert_eq!(https.certs[0].cert, dir.path().join("tls.crt"));
+}
+
+#[test]
+fn https_takes_one_certificate_or_a_list_chosen_by_sni() {
+    let with = |https: &str| {
+        BASE.replace(
+            r#"http = "127.0.0.1:8080""#,
+            &format!("http = \"127.0.0.1:8080\"\nhttps = {https}"),
+        )
+    };
+    let c = parse_str(&with(
+        r#"{ listen = "127.0.0.1:8443", certs = [{ cert = "a.crt", key = "a.key" }, { cert = "b.crt", key = "b.key" }] }"#,
+    ))
+    .expect("a list");
+    let certs = c.listeners.https.expect("https").certs;
+    assert_eq!(certs.len(), 2);
+    assert_eq!(certs[1].key, std::path::Path::new("/etc/cellgate/b.key"));
+    assert_error(
+        &with(
+            r#"{ listen = "127.0.0.1:8443", cert = "a.crt", key = "a.key", certs = [{ cert = "b.crt", key = "b.key" }] }"#,
+        ),
+        "listeners.https.certs",
+        "not both",
+    );
+    assert_error(
+        &with(r#"{ listen = "127.0.0.1:8443" }"#),
+        "listeners.https",
+        "no certificate",
+    );
+    assert_error(
+        &with(r#"{ listen = "127.0.0.1:8443", cert = "a.crt" }"#),
+        "listeners.https.key",
+        "needs its `key`",
+    );
+}
+
+#[test]
+fn client_side_limits_have_defaults_and_ranges() {
+    let c = parse_str(BASE).expect("valid");
+    let p = &c.proxy;
+    assert_eq!(p.header_timeout, std::time::Duration::from_secs(10));
+    assert_eq!(p.keepalive_timeout, std::time::Duration::from_secs(60));
+    assert_eq!(p.max_request_head_bytes, 65536);
+    assert_eq!(p.max_request_headers, 100);
+    assert_eq!(p.websocket_idle_timeout, std::time::Duration::from_secs(300));
+    assert_eq!(p.via.as_deref(), Some("cellgate"));
+    assert!(!c.passive.count_5xx);
+    assert_eq!(c.passive.min_sources, 2);
+    let t = format!("{BASE}\n[proxy]\nvia = \"\"\nheader_timeout = \"300ms\"\n");
+    let c = parse_str(&t).expect("valid");
+    assert_eq!(
+        (c.proxy.via, c.proxy.header_timeout),
+        (None, std::time::Duration::from_millis(300))
+    );
+    for (line, key) in [
+        ("header_timeout = \"0s\"", "proxy.header_timeout"),
+        ("max_request_head_bytes = 100", "proxy.max_request_head_bytes"),
+        ("max_request_headers = 300", "proxy.max_request_headers"),
+        ("via = \"my proxy\"", "proxy.via"),
+    ] {
+        assert_error(&format!("{BASE}\n[proxy]\n{line}\n"), key, "");
+    }
+    assert_error(
+        &format!("{BASE}\n[passive]\nmin_sources = 9\n"),
+        "passive.min_sources",
+        "1 to 4",
+    );
 }
 
 #[test]

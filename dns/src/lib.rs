@@ -102,6 +102,30 @@ impl DnsListener {
         }
     }
 
+    /// Sockets bound elsewhere (inherited from the process this one
+    /// replaces): the UDP sockets of one `SO_REUSEPORT` group (at least
+    /// one) and TCP on the same address. When `workers` wants more UDP
+    /// sockets than were inherited, new ones join the group on the first
+    /// one's address (every socket [`DnsListener::bind`] makes lets them);
+    /// fewer workers than sockets is the caller's to avoid (it takes only
+    /// as many as it wants).
+    pub fn from_std(udp: Vec<std::net::UdpSocket>, tcp: std::net::TcpListener, workers: usize) -> Result<Self, Error> {
+        let err = |proto, addr, source| Error::Bind { addr, proto, source };
+        let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+        let tcp_addr = tcp.local_addr().unwrap_or(unknown);
+        tcp.set_nonblocking(true).map_err(|e| err("tcp", tcp_addr, e))?;
+        let tcp = tokio::net::TcpListener::from_std(tcp).map_err(|e| err("tcp", tcp_addr, e))?;
+        let mut udp: Vec<socket2::Socket> = udp.into_iter().map(socket2::Socket::from).collect();
+        let addr = udp
+            .first()
+            .and_then(|s| s.local_addr().ok()?.as_socket())
+            .ok_or_else(|| err("udp", tcp_addr, std::io::Error::other("no inherited UDP socket")))?;
+        while udp.len() < workers.max(1) {
+            udp.push(udp_socket(addr).map_err(|e| err("udp", addr, e))?);
+        }
+        Ok(Self { udp, tcp })
+    }
+
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.udp.first()?.local_addr().ok()?.as_socket()
     }

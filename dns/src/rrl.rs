@@ -166,7 +166,7 @@ impl Rrl {
             return Verdict::Send;
         }
         let n = self.limited.fetch_add(1, Ordering::Relaxed);
-        if s.slip > 0 && n % s.slip == 0 {
+        if s.slip > 0 && n.is_multiple_of(s.slip) {
             self.slipped.increment(1);
             Verdict::Slip
         } else {

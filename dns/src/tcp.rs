@@ -21,6 +21,10 @@ use crate::handler::{CellDns, Transport};
 pub(crate) const IDLE: Duration = Duration::from_secs(10);
 /// Connections open at once; more are closed on accept.
 const MAX_CONNECTIONS: usize = 1024;
+/// After a stop, how long a connection may still take to send the query
+/// it has started (or was about to send): it is answered, then closed. A
+/// client that connected just before the stop loses nothing.
+const DRAIN: Duration = Duration::from_millis(500);
 
 /// Serves `listener` until `stop` turns true.
 pub(crate) async fn serve(listener: TcpListener, handler: Arc<CellDns>, mut stop: watch::Receiver<bool>) {
@@ -51,8 +55,12 @@ pub(crate) async fn serve(listener: TcpListener, handler: Arc<CellDns>, mut stop
             drop(slot);
         });
     }
-    conns.abort_all();
-    while conns.join_next().await.is_some() {}
+    // Open connections answer what they have been sent, then close.
+    let drained = async { while conns.join_next().await.is_some() {} };
+    if tokio::time::timeout(DRAIN * 2, drained).await.is_err() {
+        conns.abort_all();
+        while conns.join_next().await.is_some() {}
+    }
 }
 
 async fn connection(mut stream: TcpStream, src: SocketAddr, handler: &CellDns, mut stop: watch::Receiver<bool>) {
@@ -68,12 +76,20 @@ async fn connection(mut stream: TcpStream, src: SocketAddr, handler: &CellDns, m
             stream.read_exact(&mut msg).await?;
             Ok::<_, std::io::Error>(())
         };
-        tokio::select! {
-            r = tokio::time::timeout(IDLE, read) => match r {
-                Ok(Ok(())) => {}
-                _ => return, // closed, broken or idle
-            },
-            _ = stop.changed() => return,
+        tokio::pin!(read);
+        let r = if *stop.borrow() {
+            tokio::time::timeout(DRAIN, &mut read).await
+        } else {
+            tokio::select! {
+                r = tokio::time::timeout(IDLE, &mut read) => r,
+                // Stopping: the query being sent (if any) is still read
+                // and answered, within the drain time.
+                _ = stop.changed() => tokio::time::timeout(DRAIN, &mut read).await,
+            }
+        };
+        match r {
+            Ok(Ok(())) => {}
+            _ => return, // closed, broken, idle, or stopping with nothing sent
         }
         if !handler.respond(&msg, src, Transport::Tcp, &mut out) {
             continue;

@@ -43,8 +43,8 @@ pub(crate) const BATCH: usize = 32;
 /// allocated zeroed, so pages no datagram reached are never touched.
 const MAX_DATAGRAM: usize = 65_535;
 /// How long a blocked receive waits before it looks at the stop flag
-/// again, should shutting the socket down not wake it.
-const STOP_POLL: Duration = Duration::from_millis(250);
+/// again: the longest a stop waits for an idle worker.
+const STOP_POLL: Duration = Duration::from_millis(100);
 
 /// Whether a response may be sent to `src` (never to port 0, the
 /// unspecified address or broadcast: a spoofed source would make us a
@@ -67,8 +67,6 @@ fn socket_addr(s: &SockaddrStorage) -> Option<SocketAddr> {
 /// The running UDP workers.
 pub(crate) struct Workers {
     stop: Arc<AtomicBool>,
-    /// Handles on the workers' sockets, to wake them.
-    wake: Vec<Socket>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -78,13 +76,11 @@ impl Workers {
         let stop = Arc::new(AtomicBool::new(false));
         let mut workers = Self {
             stop: stop.clone(),
-            wake: Vec::new(),
             threads: Vec::new(),
         };
         for (i, socket) in sockets.into_iter().enumerate() {
             socket.set_nonblocking(false)?;
             socket.set_read_timeout(Some(STOP_POLL))?;
-            workers.wake.push(socket.try_clone()?);
             let (handler, stop) = (handler.clone(), stop.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("cellgate-dns-{i}"))
@@ -94,13 +90,11 @@ impl Workers {
         Ok(workers)
     }
 
+    /// Asks the workers to stop; each notices within [`STOP_POLL`] (its
+    /// receive timeout). The socket is never shut down to wake them: after
+    /// an upgrade the same socket serves the next process.
     fn signal(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        for s in &self.wake {
-            // Wakes a blocked receive (Linux reports ENOTCONN for an
-            // unconnected socket but wakes the reader all the same).
-            let _ = s.shutdown(std::net::Shutdown::Read);
-        }
     }
 
     /// Stops every worker and waits for them.
@@ -159,9 +153,8 @@ impl Worker {
                     continue;
                 }
             };
-            if stop.load(Ordering::Relaxed) {
-                return;
-            }
+            // What was received is answered even when a stop came in the
+            // meantime: nobody else will read those datagrams.
             let batch = handler.batch(Transport::Udp);
             let mut send = [0usize; BATCH];
             let mut m = 0;

@@ -4,9 +4,8 @@
 
 mod support;
 
-use std::path::Path;
-
 use cellgate_routing::OperatorState;
+use cellgate_testkit::mmdb::GeoNet;
 use hickory_proto::{
     op::{Edns, Message, MessageType, OpCode, ResponseCode},
     rr::{rdata::opt::EdnsCode, RData, RecordType},
@@ -407,75 +406,29 @@ async fn all_cells_down_fails_open_on_the_nearest_cell() {
 }
 
 /// A GeoIP2-City database whose networks are finer than the queries.
-fn write_split_mmdb(path: &Path) {
-    use maxminddb_writer::{metadata::IpVersion, paths::IpAddrWithMask, Database};
-    #[derive(serde::Serialize)]
-    struct Country {
-        iso_code: &'static str,
-    }
-    #[derive(serde::Serialize)]
-    struct Location {
-        latitude: f64,
-        longitude: f64,
-    }
-    #[derive(serde::Serialize)]
-    struct City {
-        country: Country,
-        location: Location,
-    }
-    let mut db = Database::default();
-    db.metadata.ip_version = IpVersion::V6;
-    db.metadata.database_type = "GeoIP2-City".into();
-    db.metadata.binary_format_major_version = 2;
-    db.metadata.languages = vec!["en".into()];
-    for (net, prefix, iso, lat, lon) in [
-        // 198.18.0.0/24: only its lower /25 is known (India).
-        ("::198.18.0.0", 121u8, "IN", 20.59, 78.96),
-        // 198.19.0.0/24: two /26s in the US and India, the rest unknown.
-        ("::198.19.0.0", 122, "US", 37.43, -78.66),
-        ("::198.19.0.64", 122, "IN", 20.59, 78.96),
-        ("2001:db8:ab::", 48, "IN", 20.59, 78.96),
-    ] {
-        let data = db
-            .insert_value(City {
-                country: Country { iso_code: iso },
-                location: Location {
-                    latitude: lat,
-                    longitude: lon,
-                },
-            })
-            .expect("value");
-        db.insert_node(IpAddrWithMask::new(net.parse().expect("ip"), prefix), data);
-    }
-    let f = std::fs::File::create(path).expect("create");
-    db.write_to(std::io::BufWriter::new(f)).expect("write");
-}
-
 #[tokio::test]
 async fn the_scope_is_the_geo_databases_network_found_or_not() {
-    let dir = std::env::temp_dir().join(format!("cellgate-dns-split-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    write_split_mmdb(&dir.join("city.mmdb"));
-    let f = Fixture::new(&config_text("[geo]\nmmdb = \"city.mmdb\"\n"), &dir.join("dns.toml")).await;
-    for (net, prefix, want, want_scope) in [
-        ("198.18.0.0", 24, "127.0.3.1", 25),   // found in a /25: longer than asked
-        ("198.18.0.128", 25, "127.0.1.1", 25), // not found, in a /25: the edge's cell
-        ("198.19.0.0", 24, "127.0.2.1", 26),
-        ("198.19.0.64", 26, "127.0.3.1", 26),
-        ("198.19.0.128", 25, "127.0.1.1", 25),
-        ("2001:db8:ab::", 56, "127.0.3.1", 48), // shorter than asked: the data's /48
-        ("::ffff:198.18.0.0", 120, "127.0.3.1", 96 + 25),
-    ] {
-        let m = ask(
-            &f,
-            Proto::Udp,
-            &Ask::new("app.example.test.", RecordType::A).ecs(net, prefix),
-        )
-        .await;
-        assert_eq!(addrs(&m), [want], "{net}/{prefix}");
-        assert_eq!(scope(&m), Some((prefix, want_scope)), "{net}/{prefix}");
-    }
-    let _ = std::fs::remove_dir_all(&dir);
+    let nets = [
+        // 198.18.0.0/24: only its lower /25 is known (India).
+        GeoNet::new("::198.18.0.0", 121, "IN", 20.59, 78.96),
+        // 198.19.0.0/24: two /26s in the US and India, the rest unknown.
+        GeoNet::new("::198.19.0.0", 122, "US", 37.43, -78.66),
+        GeoNet::new("::198.19.0.64", 122, "IN", 20.59, 78.96),
+        GeoNet::new("2001:db8:ab::", 48, "IN", 20.59, 78.96),
+    ];
+    check_geo_database(
+        &nets,
+        &[
+            ("198.18.0.0", 24, "127.0.3.1", 25),   // found in a /25: longer than asked
+            ("198.18.0.128", 25, "127.0.1.1", 25), // not found, in a /25: the edge's cell
+            ("198.19.0.0", 24, "127.0.2.1", 26),
+            ("198.19.0.64", 26, "127.0.3.1", 26),
+            ("198.19.0.128", 25, "127.0.1.1", 25),
+            ("2001:db8:ab::", 56, "127.0.3.1", 48), // shorter than asked: the data's /48
+            ("::ffff:198.18.0.0", 120, "127.0.3.1", 96 + 25),
+        ],
+    )
+    .await;
 }
 
 /// Names outside the zone's character set and the root: never a panic,

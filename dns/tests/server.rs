@@ -3,10 +3,9 @@
 
 mod support;
 
-use std::path::Path;
-
 use cellgate_config::CellId;
 use cellgate_routing::{Drain, DrainMode, OperatorState, Timestamp};
+use cellgate_testkit::mmdb::GeoNet;
 use hickory_proto::{
     op::{Edns, Message, OpCode, ResponseCode},
     rr::{RData, RecordType},
@@ -205,71 +204,24 @@ async fn down_or_drained_cells_leave_answers_at_the_next_publish_and_all_down_po
 
 /// A GeoIP2-City-shaped database written with a writer crate, mapping the
 /// documentation networks; no downloaded data.
-fn write_mmdb(path: &Path) {
-    use maxminddb_writer::{metadata::IpVersion, paths::IpAddrWithMask, Database};
-    #[derive(serde::Serialize)]
-    struct Country {
-        iso_code: &'static str,
-    }
-    #[derive(serde::Serialize)]
-    struct Location {
-        latitude: f64,
-        longitude: f64,
-    }
-    #[derive(serde::Serialize)]
-    struct City {
-        country: Country,
-        location: Location,
-    }
-    let mut db = Database::default();
-    db.metadata.ip_version = IpVersion::V6;
-    db.metadata.database_type = "GeoIP2-City".into();
-    db.metadata.binary_format_major_version = 2;
-    db.metadata.languages = vec!["en".into()];
-    for (net, prefix, iso, lat, lon) in [
-        ("::198.51.100.0", 120u8, "IE", 53.35, -6.26),
-        ("::192.0.2.0", 120, "US", 37.43, -78.66),
-        ("::203.0.113.0", 120, "IN", 20.59, 78.96),
-        ("2001:db8::", 32, "IN", 20.59, 78.96),
-    ] {
-        let data = db
-            .insert_value(City {
-                country: Country { iso_code: iso },
-                location: Location {
-                    latitude: lat,
-                    longitude: lon,
-                },
-            })
-            .expect("value");
-        db.insert_node(IpAddrWithMask::new(net.parse().expect("ip"), prefix), data);
-    }
-    let f = std::fs::File::create(path).expect("create");
-    db.write_to(std::io::BufWriter::new(f)).expect("write");
-}
-
 #[tokio::test]
 async fn geo_from_a_maxmind_database_with_its_network_as_scope() {
-    let dir = std::env::temp_dir().join(format!("cellgate-dns-mmdb-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    write_mmdb(&dir.join("city.mmdb"));
-    let path = dir.join("dns.toml");
-    let f = Fixture::new(&config_text("[geo]\nmmdb = \"city.mmdb\"\n"), &path).await;
-    for (net, prefix, want, want_scope) in [
-        ("198.51.100.0", 24, "127.0.1.1", 24),
-        ("192.0.2.0", 24, "127.0.2.1", 24),
-        ("203.0.113.128", 25, "127.0.3.1", 24),
-        ("2001:db8:ab::", 48, "127.0.3.1", 32),
-    ] {
-        let m = ask(
-            &f,
-            Proto::Udp,
-            &Ask::new("app.example.test.", RecordType::A).ecs(net, prefix),
-        )
-        .await;
-        assert_eq!(addrs(&m), [want], "{net}/{prefix}");
-        assert_eq!(scope(&m), Some((prefix, want_scope)), "{net}/{prefix}");
-    }
-    let _ = std::fs::remove_dir_all(&dir);
+    let nets = [
+        GeoNet::new("::198.51.100.0", 120, "IE", 53.35, -6.26),
+        GeoNet::new("::192.0.2.0", 120, "US", 37.43, -78.66),
+        GeoNet::new("::203.0.113.0", 120, "IN", 20.59, 78.96),
+        GeoNet::new("2001:db8::", 32, "IN", 20.59, 78.96),
+    ];
+    check_geo_database(
+        &nets,
+        &[
+            ("198.51.100.0", 24, "127.0.1.1", 24),
+            ("192.0.2.0", 24, "127.0.2.1", 24),
+            ("203.0.113.128", 25, "127.0.3.1", 24),
+            ("2001:db8:ab::", 48, "127.0.3.1", 32),
+        ],
+    )
+    .await;
 }
 
 /// TCP is served by cellgate's own loop: queries on one connection are

@@ -3,10 +3,7 @@
 //! unreachable still starts with the fleet's drains. Written atomically
 //! (temp file, fsync, rename, fsync of the directory).
 
-use std::{
-    io::Write,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use cellgate_routing::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -70,31 +67,7 @@ impl IntentCache {
             intent: intent.clone(),
         };
         let body = serde_json::to_vec_pretty(&file).map_err(|e| self.error(e.to_string()))?;
-        let dir = self
-            .path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let tmp = dir.join(format!(
-            ".{}.tmp-{}",
-            self.path.file_name().and_then(|n| n.to_str()).unwrap_or("fleet"),
-            std::process::id()
-        ));
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&body)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &self.path)?;
-            // Make the rename itself durable.
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
-            Ok(())
-        };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            self.error(e.to_string())
-        })
+        cellgate_config::file::write_atomic(&self.path, &body).map_err(|e| self.error(e.to_string()))
     }
 
     fn error(&self, reason: String) -> Error {

@@ -271,8 +271,8 @@ impl FleetHealth {
         let mut changed = Vec::new();
         for id in self.down_everywhere(rule) {
             if let Some(cm) = index(id.as_str()).and_then(|i| m.cells.get_mut(i)) {
-                if cm.health != Health::Down {
-                    cm.health = Health::Down;
+                if cm.effective_health() != Health::Down {
+                    cm.fleet_down = true;
                     changed.push(id);
                 }
             }
@@ -391,8 +391,8 @@ mod tests {
         }
         let index = |id: &str| order.iter().position(|c| *c == id);
         assert_eq!(h.overrule(PartialOutage::Majority, index, &mut m), [CellId::new("us")]);
-        assert_eq!(m.cells[0].health, Down);
-        assert_eq!(m.cells[1].health, Up);
+        assert_eq!(m.cells[0].effective_health(), Down);
+        assert_eq!(m.cells[1].effective_health(), Up);
         // Two edges that disagree overrule nobody; nor does one edge alone,
         // nor a majority made of unknowns.
         let two = [

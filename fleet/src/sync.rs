@@ -200,6 +200,12 @@ impl FleetSync {
         self.report.send_replace(Some(report));
     }
 
+    /// A handle that publishes reports like [`FleetSync::publish_report`],
+    /// for a task that outlives a borrow of this value.
+    pub fn report_sender(&self) -> watch::Sender<Option<EdgeReport>> {
+        self.report.clone()
+    }
+
     /// Stops the tasks and revokes the lease, so this edge's report
     /// disappears at once. (Dropping a `FleetSync` stops the tasks too but
     /// leaves the report to expire with its lease, as a crash would.)

@@ -1,7 +1,5 @@
 //! The fleet against a real etcd started by each test on loopback ports.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use cellgate_config::{CellId, ServiceName};
@@ -10,7 +8,7 @@ use cellgate_fleet::{
     IntentCache, IntentKey, IntentRecord, Link, Resync,
 };
 use cellgate_routing::{CellMeasurement, DrainMode, Health, Timestamp};
-use support::{fleet, Etcd, Relay};
+use cellgate_testkit::etcd::{fleet, Etcd, Relay};
 use tokio::sync::{broadcast, watch};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -66,6 +64,26 @@ async fn event(
         .unwrap_or_else(|_| panic!("no event within {WAIT:?}: {what}"))
 }
 
+/// A store for edge `name` on the etcd at `url`, under the prefix `/cg/`.
+fn store(url: &str, name: &str) -> FleetStore {
+    FleetStore::new(&fleet(url, "/cg/"), name).unwrap_or_else(|e| panic!("store {name}: {e}"))
+}
+
+/// A running sync for edge `name` (no cache file, no reports).
+fn sync(url: &str, name: &str) -> FleetSync {
+    FleetSync::start(store(url, name), None, None)
+}
+
+/// An etcd, edge A's store on it, and edge B's sync through a relay the
+/// test can cut.
+async fn relayed() -> (Etcd, Relay, FleetStore, FleetSync) {
+    let etcd = Etcd::start().await;
+    let relay = Relay::start(etcd.client).await;
+    let a = store(&etcd.url(), "edge-a");
+    let b = sync(&relay.url(), "edge-b");
+    (etcd, relay, a, b)
+}
+
 fn drained(v: &FleetView, cell: &str) -> bool {
     v.intent.operator_state().drains.contains_key(cell)
 }
@@ -73,12 +91,8 @@ fn drained(v: &FleetView, cell: &str) -> bool {
 #[tokio::test]
 async fn a_write_through_one_edge_is_seen_by_another_edge_with_its_revision_and_audited() {
     let etcd = Etcd::start().await;
-    let a = FleetStore::new(&fleet(&etcd.url(), "/cg/"), "edge-a").expect("store a");
-    let b = FleetSync::start(
-        FleetStore::new(&fleet(&etcd.url(), "/cg/"), "edge-b").expect("store b"),
-        None,
-        None,
-    );
+    let a = store(&etcd.url(), "edge-a");
+    let b = sync(&etcd.url(), "edge-b");
     let mut view = b.view();
     let mut events = b.events();
     until(&mut view, "edge b live", |v| v.link.is_live()).await;
@@ -165,8 +179,8 @@ async fn a_write_through_one_edge_is_seen_by_another_edge_with_its_revision_and_
 #[tokio::test]
 async fn two_operators_racing_on_one_key_get_exactly_one_conflict() {
     let etcd = Etcd::start().await;
-    let a = FleetStore::new(&fleet(&etcd.url(), "/cg/"), "edge-a").expect("store a");
-    let b = FleetStore::new(&fleet(&etcd.url(), "/cg/"), "edge-b").expect("store b");
+    let a = store(&etcd.url(), "edge-a");
+    let b = store(&etcd.url(), "edge-b");
     let now = cellgate_fleet::now();
     // Both saw the cell undrained (revision 0) and drain it at once.
     let hard = Change::Drain {
@@ -225,12 +239,8 @@ async fn etcd_down_keeps_the_last_state_refuses_writes_fast_and_converges_when_b
     let mut etcd = Etcd::start().await;
     let dir = tempfile::tempdir().expect("dir");
     let cache_path = dir.path().join("fleet.json");
-    let a = FleetStore::new(&fleet(&etcd.url(), "/cg/"), "edge-a").expect("store a");
-    let b = FleetSync::start(
-        FleetStore::new(&fleet(&etcd.url(), "/cg/"), "edge-b").expect("store b"),
-        None,
-        Some(IntentCache::new(&cache_path)),
-    );
+    let a = store(&etcd.url(), "edge-a");
+    let b = FleetSync::start(store(&etcd.url(), "edge-b"), None, Some(IntentCache::new(&cache_path)));
     let mut bv = b.view();
     until(&mut bv, "edge b live", |v| v.link.is_live()).await;
     let d = a
@@ -283,7 +293,7 @@ async fn etcd_down_keeps_the_last_state_refuses_writes_fast_and_converges_when_b
     assert_eq!(cached.intent.mod_revision(&IntentKey::Drain(eu())), d.revision);
     let saved_at = cached.saved_at;
     let c = FleetSync::start(
-        FleetStore::new(&fleet(&etcd.url(), "/cg/"), "edge-c").expect("store c"),
+        store(&etcd.url(), "edge-c"),
         Some(cached),
         Some(IntentCache::new(dir.path().join("c.json"))),
     );
@@ -355,16 +365,8 @@ async fn etcd_down_keeps_the_last_state_refuses_writes_fast_and_converges_when_b
 
 #[tokio::test]
 async fn a_watch_whose_revision_was_compacted_during_a_disconnect_reads_everything_again() {
-    let etcd = Etcd::start().await;
-    let relay = Relay::start(etcd.client).await;
-    let a = FleetStore::new(&fleet(&etcd.url(), "/cg/"), "edge-a").expect("store a");
-    let b = FleetSync::start(
-        FleetStore::new(&fleet(&relay.url(), "/cg/"), "edge-b").expect("store b"),
-        None,
-        None,
-    );
-    let mut bv = b.view();
-    let mut events = b.events();
+    let (_etcd, relay, a, b) = relayed().await;
+    let (mut bv, mut events) = (b.view(), b.events());
     let now = cellgate_fleet::now;
     let d = a
         .apply(&drain("eu"), Expect::Revision(0), &actor("edge-a"), now())
@@ -431,16 +433,8 @@ async fn a_watch_whose_revision_was_compacted_during_a_disconnect_reads_everythi
 
 #[tokio::test]
 async fn a_short_disconnect_resumes_the_watch_without_a_full_read() {
-    let etcd = Etcd::start().await;
-    let relay = Relay::start(etcd.client).await;
-    let a = FleetStore::new(&fleet(&etcd.url(), "/cg/"), "edge-a").expect("store a");
-    let b = FleetSync::start(
-        FleetStore::new(&fleet(&relay.url(), "/cg/"), "edge-b").expect("store b"),
-        None,
-        None,
-    );
-    let mut bv = b.view();
-    let mut events = b.events();
+    let (_etcd, relay, a, b) = relayed().await;
+    let (mut bv, mut events) = (b.view(), b.events());
     until(&mut bv, "edge b live", |v| v.link.is_live()).await;
     relay.cut();
     event(&mut events, "disconnected", |e| {
@@ -479,19 +473,11 @@ fn report(edge: &str, health: Health) -> EdgeReport {
 #[tokio::test]
 async fn edge_reports_live_under_a_lease_and_a_dead_edge_disappears() {
     let etcd = Etcd::start().await;
-    let observer = FleetSync::start(
-        FleetStore::new(&fleet(&etcd.url(), "/cg/"), "obs").expect("store"),
-        None,
-        None,
-    );
+    let observer = sync(&etcd.url(), "obs");
     let mut ov = observer.view();
     // Edge x has a 2 s lease and crashes; edge y has a 10 s lease and shuts
     // down cleanly.
-    let x = FleetSync::start(
-        FleetStore::new(&fleet(&etcd.url(), "/cg/"), "x").expect("store x"),
-        None,
-        None,
-    );
+    let x = sync(&etcd.url(), "x");
     let mut fy = fleet(&etcd.url(), "/cg/");
     fy.lease_ttl = Duration::from_secs(10);
     let y = FleetSync::start(FleetStore::new(&fy, "y").expect("store y"), None, None);
@@ -537,16 +523,8 @@ async fn edge_reports_live_under_a_lease_and_a_dead_edge_disappears() {
 #[tokio::test]
 async fn a_report_comes_back_after_etcd_restarts() {
     let mut etcd = Etcd::start().await;
-    let x = FleetSync::start(
-        FleetStore::new(&fleet(&etcd.url(), "/cg/"), "x").expect("store x"),
-        None,
-        None,
-    );
-    let observer = FleetSync::start(
-        FleetStore::new(&fleet(&etcd.url(), "/cg/"), "obs").expect("store"),
-        None,
-        None,
-    );
+    let x = sync(&etcd.url(), "x");
+    let observer = sync(&etcd.url(), "obs");
     let mut ov = observer.view();
     x.publish_report(report("x", Health::Up));
     until(&mut ov, "x's report", |v| v.reports.contains_key("x")).await;
@@ -576,12 +554,8 @@ async fn a_report_comes_back_after_etcd_restarts() {
 #[tokio::test]
 async fn propagation_latency_from_write_to_the_other_edges_view() {
     let etcd = Etcd::start().await;
-    let a = FleetStore::new(&fleet(&etcd.url(), "/cg/"), "edge-a").expect("store a");
-    let b = FleetSync::start(
-        FleetStore::new(&fleet(&etcd.url(), "/cg/"), "edge-b").expect("store b"),
-        None,
-        None,
-    );
+    let a = store(&etcd.url(), "edge-a");
+    let b = sync(&etcd.url(), "edge-b");
     let mut view = b.view();
     until(&mut view, "edge b live", |v| v.link.is_live()).await;
     const N: usize = 200;
@@ -628,11 +602,7 @@ async fn an_edge_that_never_reached_etcd_serves_its_cache_and_refuses_writes() {
             .local_addr()
             .expect("addr")
     );
-    let s = FleetSync::start(
-        FleetStore::new(&fleet(&url, "/cg/"), "lonely").expect("store"),
-        None,
-        None,
-    );
+    let s = sync(&url, "lonely");
     let mut events = s.events();
     assert!(matches!(s.view().borrow().link, Link::Stale { .. }));
     let e = s.writer().apply(&drain("eu"), Expect::Any, "bob").await;

@@ -10,7 +10,9 @@
 //! ```
 //!
 //! FILE has lines `http ADDR`, `dns-udp ADDR` and `grace DURATION_MS`; a
-//! line `invalid` makes `check` and `run` fail. The upgrade socket is
+//! line `invalid` makes `check` and `run` fail; a line
+//! `crash-after-takeover` makes `run --upgrade` exit with status 3 right
+//! after it received the sockets (a successor that dies before ready). The upgrade socket is
 //! `Handoff::default_path()` (`$CELLGATE_UPGRADE_SOCKET`, ...).
 
 use std::{io::Write as _, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
@@ -28,6 +30,7 @@ struct Config {
     http: SocketAddr,
     dns: SocketAddr,
     grace: Duration,
+    crash_after_takeover: bool,
 }
 
 fn load(path: &PathBuf) -> Result<Config, String> {
@@ -36,6 +39,7 @@ fn load(path: &PathBuf) -> Result<Config, String> {
         http: SocketAddr::from(([127, 0, 0, 1], 0)),
         dns: SocketAddr::from(([127, 0, 0, 1], 0)),
         grace: Duration::from_secs(1),
+        crash_after_takeover: false,
     };
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
         let bad = || format!("{}: bad line `{line}`", path.display());
@@ -43,6 +47,7 @@ fn load(path: &PathBuf) -> Result<Config, String> {
             Some(("http", a)) => c.http = a.parse().map_err(|_| bad())?,
             Some(("dns-udp", a)) => c.dns = a.parse().map_err(|_| bad())?,
             Some(("grace", ms)) => c.grace = Duration::from_millis(ms.parse().map_err(|_| bad())?),
+            None if line == "crash-after-takeover" => c.crash_after_takeover = true,
             _ => return Err(bad()),
         }
     }
@@ -98,6 +103,9 @@ async fn run(config: Config, upgrade: bool) -> Result<(), Error> {
     // 1. With --upgrade, before binding anything: take over the sockets.
     let (mut inherited, predecessor) = if upgrade {
         let i = handoff.receive().await?;
+        if config.crash_after_takeover {
+            std::process::exit(3);
+        }
         (i.sockets, Some(i.predecessor))
     } else {
         (SocketSet::new(), None)

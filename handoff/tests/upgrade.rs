@@ -2,6 +2,8 @@
 //! listeners to the new one while a client keeps connecting, and keeps
 //! serving whenever the new one fails.
 
+mod support;
+
 use std::{net::SocketAddr, process::Stdio, time::Duration};
 
 use cellgate_handoff::{Error, Handoff, Phase, SocketName, SocketSet, Timeouts};
@@ -340,65 +342,28 @@ async fn a_new_process_not_ready_in_time_is_told_to_exit() {
     assert_eq!(ask(old.addr).await.as_deref(), Ok("old"));
 }
 
-// Two real processes: this test binary runs itself as the new process.
+// Two real processes: the new one is the `handoff-node` example.
 
-const CHILD_SOCKET: &str = "CELLGATE_HANDOFF_TEST_SOCKET";
-const CHILD_MODE: &str = "CELLGATE_HANDOFF_TEST_MODE";
-
-/// Not a test: the new process of the two-process tests, started by them
-/// with the upgrade socket and what to do in the environment.
-#[test]
-#[ignore = "the new process of the two-process tests; they run it"]
-fn new_process() {
-    let (Ok(path), Ok(mode)) = (std::env::var(CHILD_SOCKET), std::env::var(CHILD_MODE)) else {
-        return;
-    };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async move {
-        let inherited = Handoff::new(path).receive().await.expect("received");
-        if mode == "die" {
-            std::process::exit(3);
-        }
-        let mut sockets = inherited.sockets;
-        let http = sockets
-            .tcp_listener(&SocketName::HTTP, local("127.0.0.1:0"))
-            .expect("a TCP listener")
-            .expect("http inherited");
-        let dns = sockets
-            .udp_socket(&SocketName::DNS_UDP, local("127.0.0.1:0"))
-            .expect("a UDP socket")
-            .expect("dns inherited");
-        http.set_nonblocking(true).expect("nonblocking");
-        dns.set_nonblocking(true).expect("nonblocking");
-        let (_keep, rx) = watch::channel(false);
-        serve(
-            TcpListener::from_std(http).expect("listener"),
-            format!("pid {}", std::process::id()),
-            rx,
-        );
-        let dns = UdpSocket::from_std(dns).expect("udp");
-        tokio::spawn(async move {
-            let mut buf = [0u8; 64];
-            while let Ok((n, from)) = dns.recv_from(&mut buf).await {
-                let mut answer = format!("pid {}: ", std::process::id()).into_bytes();
-                answer.extend_from_slice(&buf[..n]);
-                let _ = dns.send_to(&answer, from).await;
-            }
-        });
-        inherited.predecessor.ready().await.expect("released");
-        // Bounded: the parent kills it long before.
-        tokio::time::sleep(Duration::from_secs(30)).await;
-    });
-}
-
-fn spawn_new_process(socket: &std::path::Path, mode: &str) -> tokio::process::Child {
-    tokio::process::Command::new(std::env::current_exe().expect("test binary"))
-        .args(["new_process", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
-        .env(CHILD_SOCKET, socket)
-        .env(CHILD_MODE, mode)
+/// Starts `handoff-node run --upgrade` waiting on `socket`, its config
+/// naming `http` and `dns` (so it takes those sockets over); with `crash`
+/// it exits with status 3 as soon as it has the sockets.
+fn spawn_new_process(
+    dir: &std::path::Path,
+    socket: &std::path::Path,
+    http: SocketAddr,
+    dns: SocketAddr,
+    crash: bool,
+) -> tokio::process::Child {
+    let config = dir.join("node.conf");
+    let mut text = format!("http {http}\ndns-udp {dns}\ngrace 1000\n");
+    if crash {
+        text.push_str("crash-after-takeover\n");
+    }
+    std::fs::write(&config, text).expect("node config");
+    tokio::process::Command::new(support::node_binary())
+        .args(["run", "--upgrade", "--config"])
+        .arg(&config)
+        .env("CELLGATE_UPGRADE_SOCKET", socket)
         .stdout(Stdio::null())
         .kill_on_drop(true)
         .spawn()
@@ -422,7 +387,7 @@ async fn hand_off_to_a_second_process() {
     let load = client(http_addr, started_tx, done_rx);
     started.await.expect("first answer");
 
-    let mut child = spawn_new_process(handoff.path(), "serve");
+    let mut child = spawn_new_process(dir.path(), handoff.path(), http_addr, dns_addr, false);
     let child_pid = child.id().expect("child pid");
     let offered = handoff.send(&set).await.expect("the new process took the sockets");
     assert_eq!(offered.pid(), child_pid);
@@ -462,7 +427,8 @@ async fn a_second_process_that_dies_before_ready_leaves_the_old_one_serving() {
     let dir = tempfile::tempdir().expect("temp dir");
     let handoff = Handoff::new(dir.path().join("upgrade.sock"));
     let old = old_process().await;
-    let mut child = spawn_new_process(handoff.path(), "die");
+    let any = "127.0.0.1:0".parse().expect("addr");
+    let mut child = spawn_new_process(dir.path(), handoff.path(), old.addr, any, true);
     let offered = handoff.send(&old.set).await.expect("sent");
     let err = offered.wait_ready().await.expect_err("the new process died");
     assert!(

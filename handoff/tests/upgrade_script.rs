@@ -2,6 +2,8 @@
 //! `handoff-node` example, wired as `cellgate run` should be), the real
 //! script, SIGQUIT, a client connecting in a loop throughout.
 
+mod support;
+
 use std::{
     io::{BufRead, BufReader, Read},
     net::{SocketAddr, TcpStream},
@@ -15,22 +17,7 @@ use std::{
 };
 
 use rustix::process::{kill_process, Pid, Signal};
-
-fn node_binary() -> PathBuf {
-    // target/<profile>/deps/<this test> -> target/<profile>/examples/handoff-node
-    let exe = std::env::current_exe().expect("test binary");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("examples/handoff-node");
-    assert!(
-        bin.exists(),
-        "{} is missing: `cargo test -p cellgate-handoff` builds it (or `cargo build -p cellgate-handoff --example handoff-node`)",
-        bin.display()
-    );
-    bin
-}
+use support::node_binary;
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/cellgate-upgrade")

@@ -3,9 +3,9 @@
 //! changes. Probers, passive health and the admin API talk to it through
 //! channels; readers take the snapshot with one atomic load.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
-use cellgate_config::Config;
+use cellgate_config::{CellId, Config};
 use cellgate_routing::{CellState, GeoDatabase, Health as CellHealth, OperatorState, RoutingTable};
 use cellgate_snapshot::{Clock, EdgeMetrics, Ejection, Layout, Metrics, PassiveSink, Snapshot, Snapshots};
 use rand::{Rng, SeedableRng};
@@ -35,6 +35,9 @@ pub(crate) enum Event {
     /// Published at once; the sender, if any, hears the generation.
     Operator(OperatorState, Option<oneshot::Sender<u64>>),
     Reload(Arc<Config>, Option<GeoDatabase>, Option<oneshot::Sender<u64>>),
+    /// Cells the fleet treats as down everywhere (a partial outage seen by
+    /// a majority of edges), whatever this edge's probes say.
+    FleetDown(BTreeSet<CellId>),
 }
 
 /// A running health subsystem: probers plus the publisher.
@@ -81,10 +84,7 @@ impl Health {
             None,
             1,
         );
-        let passive = PassiveSink {
-            threshold: config.passive.consecutive_failures,
-            tx: Some(eject_tx.clone()),
-        };
+        let passive = PassiveSink::new(&config.passive, eject_tx.clone());
         let layout = Arc::new(Layout::new(1, config.clone(), &metrics, passive, None));
         let snapshots = Arc::new(Snapshots::new(
             Snapshot {
@@ -115,6 +115,7 @@ impl Health {
             clock: clock.clone(),
             last_publish: clock.elapsed(),
             prober_blind: false,
+            fleet_down: BTreeSet::new(),
         };
         p.start_probers();
         let task = tokio::spawn(p.run(rx, eject_rx));
@@ -178,6 +179,13 @@ impl Health {
         rx.await.ok()
     }
 
+    /// Marks `cells` down in every table from now on (an empty set clears
+    /// it): the fleet's verdict on a partial outage, applied on top of this
+    /// edge's own probes.
+    pub fn set_fleet_down(&self, cells: BTreeSet<CellId>) {
+        let _ = self.tx.send(Event::FleetDown(cells));
+    }
+
     /// Switches to a new, already validated config (and its geo database),
     /// returning once the new table is published. Cells whose endpoints and
     /// checks are unchanged keep their health history.
@@ -210,6 +218,7 @@ struct Publisher {
     clock: Clock,
     last_publish: Duration,
     prober_blind: bool,
+    fleet_down: BTreeSet<CellId>,
 }
 
 impl Drop for Publisher {
@@ -289,6 +298,12 @@ impl Publisher {
                     let _ = ack.send(generation);
                 }
             }
+            // Ready once a table with every endpoint's first result is out
+            // (never before: a caller waiting for readiness must not route
+            // with an older table).
+            if pending == Change::None && self.tracker.ready() && !*self.ready.borrow() {
+                let _ = self.ready.send(true);
+            }
             if *self.probed.borrow() != self.applied {
                 self.probed.send_replace(self.applied);
             }
@@ -307,11 +322,7 @@ impl Publisher {
                 if epoch != self.epoch {
                     return Change::None;
                 }
-                let change = self.tracker.apply_probe(cell, endpoint, &outcome);
-                if self.tracker.ready() && !*self.ready.borrow() {
-                    let _ = self.ready.send(true);
-                }
-                change
+                self.tracker.apply_probe(cell, endpoint, &outcome)
             }
             Event::Operator(op, ack) => {
                 self.operator = op;
@@ -321,6 +332,16 @@ impl Publisher {
             Event::Reload(config, geo, ack) => {
                 self.reconfigure(config, geo);
                 acks.extend(ack);
+                Change::Now
+            }
+            Event::FleetDown(cells) => {
+                if cells == self.fleet_down {
+                    return Change::None;
+                }
+                if !cells.is_empty() {
+                    tracing::warn!(cells = ?cells, "the fleet sees these cells down from most edges: treated as down here too");
+                }
+                self.fleet_down = cells;
                 Change::Now
             }
         }
@@ -336,10 +357,8 @@ impl Publisher {
         match self.tracker.eject(ej.endpoint, self.clock.elapsed()) {
             Some(_) => {
                 let cell = self.layout.endpoints.get(ej.endpoint.0 as usize).map(|s| s.cell);
-                if let Some(c) = cell.and_then(|c| self.layout.config.cells.get(c.0 as usize)) {
-                    self.metrics
-                        .counter("cellgate_passive_ejections_total", &[("cell", c.id.as_str())])
-                        .increment(1);
+                if let Some(m) = cell.and_then(|c| self.layout.cells.get(c.0 as usize)) {
+                    m.passive_ejections.increment(1);
                 }
                 Change::Now
             }
@@ -351,10 +370,7 @@ impl Publisher {
         self.epoch += 1;
         self.tracker.reconfigure(config.clone());
         self.geo = geo;
-        let passive = PassiveSink {
-            threshold: config.passive.consecutive_failures,
-            tx: Some(self.eject_tx.clone()),
-        };
+        let passive = PassiveSink::new(&config.passive, self.eject_tx.clone());
         self.layout = Arc::new(Layout::new(
             self.epoch,
             config,
@@ -386,7 +402,12 @@ impl Publisher {
 
     fn publish(&mut self) -> u64 {
         let now = self.clock.elapsed();
-        let m = self.tracker.publish(now);
+        let mut m = self.tracker.publish(now);
+        for id in &self.fleet_down {
+            if let Some(c) = m.cell_mut(&self.layout.config, id.as_str()) {
+                c.fleet_down = true;
+            }
+        }
         if m.prober_blind != self.prober_blind {
             if m.prober_blind {
                 tracing::error!(
@@ -418,6 +439,9 @@ impl Publisher {
             h.endpoints_up.set(f64::from(m.endpoints_up));
             if let Some(rtt) = m.srtt {
                 h.rtt.set(rtt.as_secs_f64());
+            }
+            if let Some(p50) = m.rtt_p50 {
+                h.rtt_p50.set(p50.as_secs_f64());
             }
             if let Some(p99) = m.rtt_p99 {
                 h.rtt_p99.set(p99.as_secs_f64());

@@ -179,6 +179,7 @@ impl CellTrack {
                     ejected: e.ejected_until.is_some(),
                 })
                 .collect(),
+            fleet_down: false,
         }
     }
 }

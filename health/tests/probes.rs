@@ -3,7 +3,6 @@
 
 use std::{
     net::SocketAddr,
-    path::Path,
     sync::{
         atomic::{AtomicU8, Ordering},
         Arc,
@@ -15,6 +14,7 @@ use cellgate_config::{HealthCheck, HealthKind};
 use cellgate_health::{Health, Inputs, NetworkProbe, Probe, ProbeOutcome, ProbeTarget};
 use cellgate_routing::OperatorState;
 use cellgate_snapshot::{Clock, Metrics};
+use cellgate_testkit::{Policy, Topology, ASHBURN, DUBLIN};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
@@ -151,31 +151,11 @@ async fn dead_cell_leaves_the_table_after_fall_probes_and_returns_after_rise() {
     let a = Server::start(OK).await;
     let b = Server::start(OK).await;
     let check = HealthCheck::default();
-    let text = format!(
-        r#"
-[edge]
-name = "e"
-location = {{ lat = 50.0, lon = 8.0 }}
-[[cells]]
-id = "a"
-region = "a"
-location = {{ lat = 53.0, lon = -6.0 }}
-country = "IE"
-http = ["{}"]
-[[cells]]
-id = "b"
-region = "b"
-location = {{ lat = 39.0, lon = -77.0 }}
-country = "US"
-http = ["{}"]
-[[services]]
-name = "svc"
-cells = ["a", "b"]
-policy = "failover"
-"#,
-        a.addr, b.addr
-    );
-    let config = Arc::new(cellgate_config::parse(&text, Path::new("t.toml")).expect("config"));
+    let config = Topology::new()
+        .cell("a", DUBLIN, |c| c.http = vec![a.addr.to_string()])
+        .cell("b", ASHBURN, |c| c.http = vec![b.addr.to_string()])
+        .service("svc", Policy::Failover, &["a", "b"], |_| {})
+        .config();
     let clock = Clock::manual_now();
     let h = Health::start(
         Inputs {

@@ -5,15 +5,18 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    path::Path,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use cellgate_config::Config;
+use cellgate_config::{
+    raw::{RawConfig, RawHealth},
+    Config,
+};
 use cellgate_health::{Health, Inputs, Probe, ProbeFuture, ProbeOutcome, ProbeTarget, JITTER};
 use cellgate_routing::{EndpointIdx, Health as H, OperatorState, RoutingTable};
 use cellgate_snapshot::{Clock, Metrics, UpstreamOutcome};
+use cellgate_testkit::{Policy, Topology, ASHBURN, DUBLIN};
 use tokio::time::Instant;
 
 #[derive(Default)]
@@ -58,38 +61,29 @@ impl Probe for Scripted {
     }
 }
 
-fn config(extra: &str) -> Arc<Config> {
-    let t = format!(
-        r#"
-[edge]
-name = "e"
-location = {{ lat = 50.0, lon = 8.0 }}
-[health]
-interval = "100ms"
-timeout = "80ms"
-rise = 2
-fall = 3
-{extra}
-[[cells]]
-id = "a"
-region = "a"
-location = {{ lat = 53.0, lon = -6.0 }}
-country = "IE"
-http = ["127.0.0.1:1001", "127.0.0.1:1002"]
-[[cells]]
-id = "b"
-region = "b"
-location = {{ lat = 39.0, lon = -77.0 }}
-country = "US"
-http = ["127.0.0.1:1003"]
-[[services]]
-name = "svc"
-cells = ["a", "b"]
-policy = "failover"
-"#
-    );
-    Arc::new(cellgate_config::parse(&t, Path::new("t.toml")).unwrap_or_else(|e| panic!("{e}")))
+/// Two cells: `a` with two endpoints, `b` with one; probes every 100 ms,
+/// timeout 80 ms, rise 2, fall 3; `f` changes the rest.
+fn config(f: impl FnOnce(&mut RawConfig)) -> Arc<Config> {
+    Topology::new()
+        .with(|r| {
+            r.health = RawHealth {
+                interval: Some("100ms".into()),
+                timeout: Some("80ms".into()),
+                rise: Some(2),
+                fall: Some(3),
+                ..Default::default()
+            }
+        })
+        .cell("a", DUBLIN, |c| {
+            c.http = vec!["127.0.0.1:1001".into(), "127.0.0.1:1002".into()]
+        })
+        .cell("b", ASHBURN, |c| c.http = vec!["127.0.0.1:1003".into()])
+        .service("svc", Policy::Failover, &["a", "b"], |_| {})
+        .with(f)
+        .config()
 }
+
+fn same(_: &mut RawConfig) {}
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -112,15 +106,19 @@ fn launch(config: Arc<Config>, script: &Arc<Script>) -> Health {
     )
 }
 
-async fn start(extra: &str) -> (Health, Arc<Script>) {
+async fn start(f: impl FnOnce(&mut RawConfig)) -> (Health, Arc<Script>) {
     let script = Arc::new(Script::default());
-    let h = launch(config(extra), &script);
+    let h = launch(config(f), &script);
     assert!(h.wait_ready(Duration::from_secs(1)).await);
     (h, script)
 }
 
-/// Reports a proxy outcome for the endpoint at `port`, as the proxy does.
+/// Reports a proxy outcome for the endpoint at `port`, as the proxy does,
+/// each time from another client.
 fn report(h: &Health, port: u16, outcome: UpstreamOutcome) {
+    static CLIENT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+    let client = CLIENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let source = cellgate_snapshot::Source::of(std::net::IpAddr::from([192, 0, 2, client]));
     let s = h.snapshot();
     let i = s
         .table
@@ -128,7 +126,7 @@ fn report(h: &Health, port: u16, outcome: UpstreamOutcome) {
         .iter()
         .position(|e| e.addr == addr(port))
         .expect("endpoint");
-    s.report(EndpointIdx(i as u32), outcome);
+    s.report(EndpointIdx(i as u32), outcome, source);
 }
 
 /// Advances paused time in small steps until `cell` has `want`; returns when.
@@ -147,7 +145,7 @@ async fn until(h: &Health, cell: &str, want: H, limit: Duration) -> Option<Insta
 async fn cells_are_unknown_until_the_first_round_then_up() {
     let script = Arc::new(Script::default());
     *script.delay.lock().expect("lock") = Duration::from_millis(50);
-    let h = launch(config(""), &script);
+    let h = launch(config(same), &script);
     assert_eq!(health_of(&h.table(), "a"), H::Unknown);
     let t0 = Instant::now();
     assert!(
@@ -168,7 +166,7 @@ async fn cells_are_unknown_until_the_first_round_then_up() {
 async fn start_up_wait_is_bounded_when_probes_hang() {
     let script = Arc::new(Script::default());
     *script.delay.lock().expect("lock") = Duration::from_secs(10);
-    let h = launch(config(""), &script);
+    let h = launch(config(same), &script);
     // Probes time out after 80 ms: that is a result (down), so the round completes.
     let t0 = Instant::now();
     assert!(h.wait_ready(Duration::from_secs(1)).await);
@@ -178,7 +176,7 @@ async fn start_up_wait_is_bounded_when_probes_hang() {
 
 #[tokio::test(start_paused = true)]
 async fn fall_takes_a_cell_down_and_rise_brings_it_back() {
-    let (h, script) = start("").await;
+    let (h, script) = start(same).await;
     let t0 = Instant::now();
     script.up.lock().expect("lock").insert(addr(1003), false);
     let down = until(&h, "b", H::Down, Duration::from_secs(2))
@@ -200,7 +198,7 @@ async fn fall_takes_a_cell_down_and_rise_brings_it_back() {
 
 #[tokio::test(start_paused = true)]
 async fn a_cell_stays_up_while_any_endpoint_is_up() {
-    let (h, script) = start("").await;
+    let (h, script) = start(same).await;
     script.up.lock().expect("lock").insert(addr(1001), false);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let t = h.table();
@@ -212,14 +210,14 @@ async fn a_cell_stays_up_while_any_endpoint_is_up() {
 
 #[tokio::test(start_paused = true)]
 async fn min_healthy_fraction_is_honoured() {
-    let (h, script) = start("min_healthy_fraction = 1.0").await;
+    let (h, script) = start(|r| r.health.min_healthy_fraction = Some(1.0)).await;
     script.up.lock().expect("lock").insert(addr(1001), false);
     assert!(until(&h, "a", H::Down, Duration::from_secs(1)).await.is_some());
 }
 
 #[tokio::test(start_paused = true)]
 async fn jitter_stays_within_bounds() {
-    let (_h, script) = start("").await;
+    let (_h, script) = start(same).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let calls = script.calls.lock().expect("lock");
     for (addr, times) in calls.iter() {
@@ -234,8 +232,12 @@ async fn jitter_stays_within_bounds() {
 
 #[tokio::test(start_paused = true)]
 async fn passive_ejection_backs_off_and_is_capped_per_cell() {
-    let (h, _script) =
-        start("[passive]\nconsecutive_failures = 3\nbase_ejection = \"1s\"\nmax_ejection = \"4s\"").await;
+    let (h, _script) = start(|r| {
+        r.passive.consecutive_failures = Some(3);
+        r.passive.base_ejection = Some("1s".into());
+        r.passive.max_ejection = Some("4s".into());
+    })
+    .await;
     let ejected = |port: u16| {
         let t = h.table();
         t.cells
@@ -251,11 +253,11 @@ async fn passive_ejection_backs_off_and_is_capped_per_cell() {
     ] {
         report(&h, 1001, o);
     }
-    report(&h, 1001, UpstreamOutcome::ServerError);
-    report(&h, 1001, UpstreamOutcome::ServerError);
+    report(&h, 1001, UpstreamOutcome::Gateway);
+    report(&h, 1001, UpstreamOutcome::Gateway);
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert!(!ejected(1001));
-    report(&h, 1001, UpstreamOutcome::ServerError);
+    report(&h, 1001, UpstreamOutcome::Gateway);
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert!(ejected(1001));
     // Cap: a cell of two endpoints keeps at least one (fraction 0.5).
@@ -286,7 +288,7 @@ async fn passive_ejection_backs_off_and_is_capped_per_cell() {
 
 #[tokio::test(start_paused = true)]
 async fn every_cell_failing_sets_the_blind_flag_and_fails_open() {
-    let (h, script) = start("").await;
+    let (h, script) = start(same).await;
     for port in [1001, 1002, 1003] {
         script.up.lock().expect("lock").insert(addr(port), false);
     }
@@ -307,20 +309,22 @@ async fn every_cell_failing_sets_the_blind_flag_and_fails_open() {
 
 #[tokio::test(start_paused = true)]
 async fn reload_keeps_history_of_unchanged_cells_and_operator_changes_publish_at_once() {
-    let (h, script) = start("").await;
+    let (h, script) = start(same).await;
     script.up.lock().expect("lock").insert(addr(1003), false);
     assert!(until(&h, "b", H::Down, Duration::from_secs(1)).await.is_some());
     let gen = h.table().generation;
     // New probes take 50 ms, so a restarted history is visible as Unknown.
     *script.delay.lock().expect("lock") = Duration::from_millis(50);
-    h.apply_reload(config("path = \"/ready\""), None).await;
+    h.apply_reload(config(|r| r.health.path = Some("/ready".into())), None)
+        .await;
     let t = h.table();
     assert!(t.generation > gen);
     // The health check changed (path), so history restarts for every cell...
     assert_eq!(health_of(&t, "b"), H::Unknown);
     // ...but a reload with the same cells keeps it.
     assert!(until(&h, "b", H::Down, Duration::from_secs(1)).await.is_some());
-    h.apply_reload(config("path = \"/ready\""), None).await;
+    h.apply_reload(config(|r| r.health.path = Some("/ready".into())), None)
+        .await;
     assert_eq!(health_of(&h.table(), "b"), H::Down);
     assert_eq!(health_of(&h.table(), "a"), H::Up);
 

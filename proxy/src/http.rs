@@ -6,32 +6,42 @@
 //! a sticky cookie signed for this second) are shared, not built.
 
 use std::{
+    any::Any,
     io::Write as _,
     net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
-use cellgate_config::{ProxySettings, ShardKeySource};
+use bytes::Bytes;
+use cellgate_config::{HttpProtocol, ProxySettings, ShardKeySource};
 use cellgate_routing::{
     steer, CellIdx, Decision, EndpointIdx, EndpointKind, Outcome, RouteQuery, ServiceIdx, StickyKey, Timestamp,
 };
-use cellgate_snapshot::{metrics::status_class, InflightGuard, Snapshot, Snapshots, UpstreamOutcome};
-use http::HeaderValue;
+use cellgate_snapshot::{metrics::status_class, InflightGuard, Snapshot, Snapshots, Source, UpstreamOutcome};
+use http::{header, HeaderValue, Version};
 use pingora::{
     http::{RequestHeader, ResponseHeader},
+    modules::http::HttpModules,
     prelude::*,
+    protocols::ALPN,
+    proxy::FailToProxy,
     upstreams::peer::HttpPeer,
     ErrorSource, ErrorType,
 };
 use rand::Rng;
 
-use crate::budget::RetryBudget;
+use crate::{
+    budget::RetryBudget,
+    conn::ConnHandle,
+    framing::{Http10, Http10FramingBuilder},
+    tls::UpstreamCas,
+};
 
 /// Response header naming the cell that served the request.
 pub const CELL_HEADER: &str = "x-cellgate-cell";
@@ -49,7 +59,13 @@ pub struct CellProxy {
     /// The second a fail-open warning was last logged: at most one a second,
     /// however many requests fail open (the counter has them all).
     fail_open_logged: AtomicU64,
+    /// The same for upstream errors.
+    upstream_error_logged: AtomicU64,
     cookies: CookieCache,
+    /// `Via` values for HTTP/1.0, HTTP/1.1 and HTTP/2 messages (RFC 9110
+    /// §7.6.3 names the protocol version of the hop); `None`: no `Via`.
+    via: Option<[HeaderValue; 3]>,
+    upstream_cas: UpstreamCas,
 }
 
 impl CellProxy {
@@ -57,6 +73,10 @@ impl CellProxy {
     /// `X-Forwarded-Proto` and the cookie's `Secure` flag).
     pub fn new(snapshots: Arc<Snapshots>, sticky: Option<StickyKey>, settings: ProxySettings, tls: bool) -> Self {
         let budget = RetryBudget::new(settings.retry_budget, 10);
+        let via = settings.via.as_deref().and_then(|name| {
+            let v = |ver: &str| HeaderValue::from_str(&format!("{ver} {name}")).ok();
+            Some([v("1.0")?, v("1.1")?, v("2")?])
+        });
         Self {
             snapshots,
             sticky,
@@ -64,8 +84,21 @@ impl CellProxy {
             budget,
             tls,
             fail_open_logged: AtomicU64::new(0),
+            upstream_error_logged: AtomicU64::new(0),
             cookies: CookieCache::default(),
+            via,
+            upstream_cas: UpstreamCas::default(),
         }
+    }
+
+    /// The `Via` value for a message of `version`.
+    fn via(&self, version: Version) -> Option<&HeaderValue> {
+        let v = self.via.as_ref()?;
+        Some(match version {
+            Version::HTTP_09 | Version::HTTP_10 => &v[0],
+            Version::HTTP_2 | Version::HTTP_3 => &v[2],
+            _ => &v[1],
+        })
     }
 }
 
@@ -129,6 +162,13 @@ pub struct RequestCtx {
     sticky_cell: Option<CellIdx>,
     sticky_expires: Option<Timestamp>,
     outcome_reported: bool,
+    /// Who sent the request, for passive health.
+    source: Option<Source>,
+    /// The protocol of the current attempt's cell.
+    upstream_h2: bool,
+    /// An upgrade request framed as chunked until its `101` (see
+    /// `early_request_filter`).
+    upgrade_body_held: bool,
 }
 
 impl RequestCtx {
@@ -137,6 +177,17 @@ impl RequestCtx {
         self.decision.as_ref()?.candidates().get(self.attempt).map(|c| c.cell)
     }
 }
+
+/// Headers that describe the path of a request through proxies; from a
+/// client that is not a trusted proxy they are lies, and are replaced.
+const FORWARDING: [http::HeaderName; 5] = [
+    header::FORWARDED,
+    http::HeaderName::from_static("x-real-ip"),
+    X_FORWARDED_HOST,
+    http::HeaderName::from_static("x-forwarded-port"),
+    header::VIA,
+];
+const X_FORWARDED_HOST: http::HeaderName = http::HeaderName::from_static("x-forwarded-host");
 
 fn http_error(status: u16, why: String) -> Box<Error> {
     Error::explain(ErrorType::HTTPStatus(status), why)
@@ -212,6 +263,7 @@ impl CellProxy {
         let spec = table.service_spec(svc);
         let now = self.snapshots.clock().now();
         let client_ip = self.client_ip(session);
+        ctx.source = Some(client_ip.map_or(Source::UNKNOWN, Source::of));
         let cookies = session
             .get_header(http::header::COOKIE)
             .and_then(|v| v.to_str().ok())
@@ -320,8 +372,28 @@ impl CellProxy {
 
     fn report(&self, ctx: &mut RequestCtx, outcome: UpstreamOutcome) {
         if let (Some(s), Some(e)) = (&ctx.snapshot, ctx.endpoint) {
-            s.report(e, outcome);
+            s.report(e, outcome, ctx.source.unwrap_or(Source::UNKNOWN));
             ctx.outcome_reported = true;
+        }
+    }
+
+    /// The status the proxy answers for an error of its own, 0 for none
+    /// (the client is gone).
+    fn error_status(e: &Error) -> u16 {
+        match e.etype() {
+            ErrorType::HTTPStatus(c) => *c,
+            _ => match e.esource() {
+                ErrorSource::Upstream => match e.etype() {
+                    ErrorType::ReadTimedout | ErrorType::WriteTimedout | ErrorType::ConnectTimedout => 504,
+                    _ => 502,
+                },
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                    ErrorType::ReadTimedout => 408,
+                    _ => 400,
+                },
+                _ => 500,
+            },
         }
     }
 
@@ -355,6 +427,72 @@ impl ProxyHttp for CellProxy {
         }
     }
 
+    fn init_downstream_modules(&self, modules: &mut HttpModules) {
+        // pingora's default (response compression, off) plus HTTP/1.0
+        // framing.
+        modules.add_module(pingora::modules::http::compression::ResponseCompressionBuilder::enable(
+            0,
+        ));
+        modules.add_module(Box::new(Http10FramingBuilder));
+    }
+
+    fn on_connection_reuse(&self, session: &mut Session, _ctx: &mut RequestCtx, prev: Box<dyn Any + Send + Sync>) {
+        // Set by cellgate's HTTP/1 connection loop on every request: the
+        // head is parsed, the connection's head limits are off.
+        if let Ok(conn) = prev.downcast::<ConnHandle>() {
+            conn.busy();
+            if !conn.keepalive {
+                session.set_keepalive(None);
+            }
+        }
+    }
+
+    async fn early_request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        let req = session.req_header();
+        // RFC 9112 §3.2: an HTTP/1.1 request without Host is a 400.
+        if req.version == Version::HTTP_11 && !req.headers.contains_key(header::HOST) {
+            return Err(http_error(400, "HTTP/1.1 request without Host".into()));
+        }
+        // What the connection's own limits could not see (pipelined heads
+        // parsed without a read; header counts on h2).
+        if req.headers.len() > self.settings.max_request_headers {
+            return Err(http_error(
+                431,
+                "more header fields than proxy.max_request_headers".into(),
+            ));
+        }
+        if session
+            .as_downstream()
+            .as_http1()
+            .is_some_and(|h1| h1.get_headers_raw_bytes().len() > self.settings.max_request_head_bytes)
+        {
+            return Err(http_error(
+                431,
+                "request head larger than proxy.max_request_head_bytes".into(),
+            ));
+        }
+        if session.is_upgrade_req() {
+            // The client side of a WebSocket may be quiet for long.
+            session.set_read_timeout(Some(self.settings.websocket_idle_timeout));
+            session.set_write_timeout(Some(self.settings.websocket_idle_timeout));
+            // pingora 0.9.1 sends an upgrade request's (empty) body end to
+            // the upstream half at once; when that half reads the cell's
+            // `101` first, it takes that body end for the end of the tunnel
+            // and closes it right after the handshake (a race, lost about
+            // one time in six on loopback). Framing the request as chunked
+            // keeps its body open until the `101` turns it into the
+            // tunnel's byte stream, so no body end is ever sent; the cell
+            // is told `content-length: 0` (`upstream_request_filter`).
+            let req = session.req_header_mut();
+            if !req.headers.contains_key(header::CONTENT_LENGTH) && !req.headers.contains_key(header::TRANSFER_ENCODING)
+            {
+                req.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+                ctx.upgrade_body_held = true;
+            }
+        }
+        Ok(())
+    }
+
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
         if ctx.decision.is_none() {
             self.budget.request(self.snapshots.clock().now_secs());
@@ -375,10 +513,40 @@ impl ProxyHttp for CellProxy {
         ctx.endpoint = Some(idx);
         ctx.retry_status = None;
         ctx.outcome_reported = false;
-        let mut peer = HttpPeer::new(addr, false, String::new());
+        let protocol = &s.table.cell_spec(slot.cell).http_protocol;
+        let mut peer = match protocol {
+            HttpProtocol::H2(tls) => {
+                let mut p = HttpPeer::new(addr, true, tls.server_name.clone());
+                p.options.ca = self.upstream_cas.get(s, slot.cell);
+                p
+            }
+            HttpProtocol::Http1 | HttpProtocol::H2c => HttpPeer::new(addr, false, String::new()),
+        };
+        ctx.upstream_h2 = !matches!(protocol, HttpProtocol::Http1);
+        if ctx.upstream_h2 {
+            // h2 only: a gRPC call must not silently become HTTP/1.1.
+            peer.options.alpn = ALPN::H2;
+            peer.options.max_h2_streams = 100;
+            peer.options.h2_ping_interval = Some(Duration::from_secs(20));
+        }
         peer.options.connection_timeout = Some(self.settings.connect_timeout);
         peer.options.total_connection_timeout = Some(self.settings.connect_timeout);
-        peer.options.read_timeout = Some(self.settings.read_timeout);
+        // One upstream timeout covers the wait for the answer and every read
+        // after it: an upgraded tunnel (WebSocket) or a gRPC stream gets the
+        // long one, at the price of a long wait for its first answer too.
+        let long = session.is_upgrade_req()
+            || session
+                .get_header(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let read = if long {
+            self.settings.websocket_idle_timeout
+        } else {
+            self.settings.read_timeout
+        };
+        peer.options.read_timeout = Some(read);
+        if long {
+            peer.options.write_timeout = Some(read);
+        }
         peer.options.idle_timeout = Some(self.settings.idle_timeout);
         Ok(Box::new(peer))
     }
@@ -391,6 +559,71 @@ impl ProxyHttp for CellProxy {
     ) -> Result<()> {
         let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
         let trusted = peer.is_some_and(|p| self.trusted(p));
+        // Absolute-form (`GET http://host/x HTTP/1.1`) goes upstream in
+        // origin form, as RFC 9112 §3.2.2 has a proxy do for an origin.
+        // (pingora keeps such a target verbatim and forwards it as is.)
+        let raw = upstream.raw_path();
+        if !raw.starts_with(b"/") && raw != b"*" && upstream.method != http::Method::CONNECT {
+            let pq = upstream
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .filter(|p| p.starts_with('/'))
+                .unwrap_or("/")
+                .to_owned();
+            upstream.set_raw_path(pq.as_bytes())?;
+        }
+        // Identical Content-Length values (repeated, or a list) go on as
+        // one; differing ones never got this far.
+        let cls = upstream.headers.get_all(header::CONTENT_LENGTH);
+        let mut it = cls.iter();
+        if let (Some(first), more) = (it.next(), it.next().is_some()) {
+            if more || first.as_bytes().contains(&b',') {
+                let one = first
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.split(',').next())
+                    .map(|v| v.trim().to_owned())
+                    .unwrap_or_default();
+                upstream.insert_header(header::CONTENT_LENGTH, one)?;
+            }
+        }
+        if !trusted {
+            for h in &FORWARDING {
+                upstream.remove_header(h);
+            }
+        }
+        // The Host the client asked for, before a cell's own replaces it.
+        if !trusted || !upstream.headers.contains_key(&X_FORWARDED_HOST) {
+            let host = session.get_header(header::HOST).cloned().or_else(|| {
+                session
+                    .req_header()
+                    .uri
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            });
+            if let Some(h) = host {
+                upstream.insert_header(X_FORWARDED_HOST, h)?;
+            }
+        }
+        if let Some(v) = self.via(session.req_header().version) {
+            upstream.append_header(header::VIA, v.clone())?;
+        }
+        if ctx.upgrade_body_held {
+            // The body the cell expects before its `101`: none.
+            upstream.remove_header(&header::TRANSFER_ENCODING);
+            upstream.insert_header(header::CONTENT_LENGTH, "0")?;
+        }
+        // gRPC needs `te: trailers`; pingora drops it with the other
+        // hop-by-hop fields when an HTTP/1 request goes to an h2 cell.
+        if ctx.upstream_h2
+            && !upstream.headers.contains_key(header::TE)
+            && session
+                .get_header(header::TE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+        {
+            upstream.insert_header(header::TE, "trailers")?;
+        }
         if let Some(peer) = peer {
             let ip = IpText::new(peer);
             let xff = match session.get_header("x-forwarded-for").map(HeaderValue::as_bytes) {
@@ -435,7 +668,7 @@ impl ProxyHttp for CellProxy {
             return Ok(());
         }
         if matches!(status, 502..=504) {
-            self.report(ctx, UpstreamOutcome::ServerError);
+            self.report(ctx, UpstreamOutcome::Gateway);
             // Nothing has reached the client yet: an idempotent request
             // may go to the next cell instead.
             if idempotent(&session.req_header().method) && self.may_retry(ctx) {
@@ -446,7 +679,8 @@ impl ProxyHttp for CellProxy {
                 ));
             }
         } else if status >= 500 {
-            self.report(ctx, UpstreamOutcome::ServerError);
+            // Neutral unless `passive.count_5xx`: the application is alive.
+            self.report(ctx, UpstreamOutcome::AppError);
         } else {
             self.report(ctx, UpstreamOutcome::Success);
         }
@@ -455,10 +689,28 @@ impl ProxyHttp for CellProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let Some(v) = self.via(resp.version) {
+            resp.append_header(header::VIA, v.clone())?;
+        }
+        if ctx.upgrade_body_held && resp.status != http::StatusCode::SWITCHING_PROTOCOLS {
+            // A refused upgrade: the request "body" held open for the
+            // tunnel never comes; do not wait long for it.
+            session.set_keepalive(None);
+            session.set_read_timeout(Some(self.settings.read_timeout));
+        }
+        if session.req_header().version == Version::HTTP_10 && !resp.status.is_informational() {
+            // An HTTP/1.0 client cannot read chunked: a body of unknown
+            // length is sent close-delimited (the framing module removes
+            // the chunked coding pingora adds), so say `close`.
+            resp.extensions_mut().insert(Http10);
+            if !resp.headers.contains_key(header::CONTENT_LENGTH) {
+                session.set_keepalive(None);
+            }
+        }
         let (Some(s), Some(cell)) = (ctx.snapshot.as_ref(), ctx.cell()) else {
             return Ok(());
         };
@@ -506,24 +758,62 @@ impl ProxyHttp for CellProxy {
             return e;
         }
         if !ctx.outcome_reported {
-            let timeout = matches!(
-                e.etype(),
-                ErrorType::ReadTimedout | ErrorType::WriteTimedout | ErrorType::ConnectTimedout
-            );
-            self.report(
-                ctx,
-                if timeout {
-                    UpstreamOutcome::Timeout
-                } else {
-                    UpstreamOutcome::ConnectFailure
-                },
-            );
+            let outcome = match e.etype() {
+                ErrorType::ReadTimedout | ErrorType::WriteTimedout => UpstreamOutcome::Timeout,
+                ErrorType::ConnectTimedout
+                | ErrorType::ConnectRefused
+                | ErrorType::ConnectError
+                | ErrorType::TLSHandshakeFailure => UpstreamOutcome::ConnectFailure,
+                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError => UpstreamOutcome::Reset,
+                _ => UpstreamOutcome::Protocol,
+            };
+            self.report(ctx, outcome);
         }
         let safe = idempotent(&session.req_header().method)
             && !session.as_ref().retry_buffer_truncated()
             && session.response_written().is_none();
         e.set_retry(safe && self.may_retry(ctx));
         e
+    }
+
+    /// The proxy's own error answers: no `Server`, `x-cellgate-cell` when
+    /// a cell was chosen, upstream timeouts as 504.
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy
+    where
+        RequestCtx: Send + Sync,
+    {
+        let code = Self::error_status(e);
+        if code > 0 && session.response_written().is_none() {
+            let reason = http::StatusCode::from_u16(code)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("Error");
+            let body = Bytes::from(format!("{reason}\n"));
+            if let Ok(mut r) = ResponseHeader::build(code, Some(6)) {
+                let _ = r.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8");
+                let _ = r.insert_header(header::CONTENT_LENGTH, body.len());
+                let _ = r.insert_header(header::CACHE_CONTROL, "private, no-store");
+                if let (Some(s), Some(cell)) = (ctx.snapshot.as_ref(), ctx.cell()) {
+                    if let Some(v) = s.cell_header(cell) {
+                        let _ = r.insert_header(CELL_HEADER, v.clone());
+                    }
+                }
+                session.set_keepalive(None);
+                let _ = session.write_response_header(Box::new(r), false).await;
+                let _ = session.write_response_body(Some(body), true).await;
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// pingora would log every final error at ERROR, clients' included:
+    /// the access line has them all; upstream trouble is logged once a
+    /// second at WARN by `logging`.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {
+        true
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
@@ -552,7 +842,14 @@ impl ProxyHttp for CellProxy {
                 }
             }
         } else {
-            self.snapshots.load().edge.unrouted(status).increment(1);
+            self.snapshots.load().edge.unrouted_response(status);
+        }
+        if let Some(e) = e {
+            if *e.esource() == ErrorSource::Downstream {
+                tracing::debug!(error = %e, "client error");
+            } else if self.upstream_error_logged.swap(now_secs, Ordering::Relaxed) != now_secs {
+                tracing::warn!(error = %e, "proxy error (logged at most once a second; the access log has every one)");
+            }
         }
         let (service, cell, reason) = match routed {
             Some((s, svc, cell)) => (
@@ -569,14 +866,18 @@ impl ProxyHttp for CellProxy {
             (Some(s), Some(e)) => Some(s.endpoint(e).addr),
             _ => None,
         };
+        // Fields: see "Access log" in the README (the schema).
         tracing::info!(
             target: "cellgate::access",
+            trace_id = "",
+            client = tracing::field::display(OrDash(self.client_ip(session))),
             method = %session.req_header().method,
             path = session.req_header().uri.path(),
             service,
             cell,
             endpoint = tracing::field::display(OrDash(endpoint)),
             status,
+            bytes = session.body_bytes_sent(),
             duration_ms = elapsed * 1000.0,
             retries = ctx.retries,
             reason = tracing::field::display(OrDash(reason)),

@@ -13,7 +13,7 @@ use std::{
 
 use cellgate_config::{ProxySettings, ServiceName, ShardKeySource};
 use cellgate_routing::{steer, CellIdx, CellState, DrainMode, EndpointKind, RouteQuery};
-use cellgate_snapshot::{metrics::L4_REJECTS, Clock, Snapshot, Snapshots, UpstreamOutcome};
+use cellgate_snapshot::{metrics::L4_REJECTS, Clock, Snapshot, Snapshots, Source, UpstreamOutcome};
 use rand::Rng;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -142,6 +142,8 @@ impl L4Proxy {
         // if none is), then the next cell. Every outcome feeds the
         // endpoint's passive health.
         let mut upstream = None;
+        let mut retries = 0u32;
+        let source = Source::of(peer.ip());
         'cells: for cand in d.candidates() {
             let pool = table.cell(cand.cell).pool(EndpointKind::Tcp);
             let n = pool.len();
@@ -154,16 +156,18 @@ impl L4Proxy {
                     .await
                 {
                     Ok(Ok(s)) => {
-                        snapshot.report(idx, UpstreamOutcome::Success);
-                        upstream = Some((s, cand.cell, idx));
+                        snapshot.report(idx, UpstreamOutcome::Success, source);
+                        upstream = Some((s, cand.cell, idx, cand.reason));
                         break 'cells;
                     }
-                    Ok(Err(_)) => snapshot.report(idx, UpstreamOutcome::ConnectFailure),
-                    Err(_) => snapshot.report(idx, UpstreamOutcome::Timeout),
+                    // A refusal and a connect timeout alike: the endpoint
+                    // did not take the connection.
+                    Ok(Err(_)) | Err(_) => snapshot.report(idx, UpstreamOutcome::ConnectFailure, source),
                 }
+                retries += 1;
             }
         }
-        let Some((mut up, cell, idx)) = upstream else {
+        let Some((mut up, cell, idx, reason)) = upstream else {
             return reject(&snapshot, if d.is_empty() { "no_cell" } else { "connect_failed" }, peer);
         };
         let _inflight = snapshot.endpoint(idx).begin();
@@ -186,16 +190,22 @@ impl L4Proxy {
             m.l4_bytes_to_cell.increment(to_cell + hello.len() as u64);
             m.l4_bytes_to_client.increment(to_client);
         }
+        // Fields: see "Access log" in the README (the schema).
         tracing::info!(
             target: "cellgate::access",
+            trace_id = "",
+            client = %ip,
             l4 = true,
-            %peer,
             service = spec.name.as_str(),
             sni = sni.as_deref().unwrap_or(""),
             cell = cell_id.as_str(),
+            endpoint = %snapshot.endpoint(idx).addr,
+            bytes = to_client,
             bytes_to_cell = to_cell,
             bytes_to_client = to_client,
             duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            retries,
+            reason = %reason,
             closed = why,
             "connection"
         );

@@ -7,9 +7,11 @@
 //! timeouts and 502–504 answers fail over to the next cell of the decision
 //! (idempotent methods, or any method that never left), within a retry
 //! budget; every outcome feeds passive health through the snapshot's
-//! endpoint slots. [`listen`] has cellgate's own accept loops that hand
-//! connections to pingora's HTTP engine; [`l4`] proxies plain TCP and TLS
-//! passthrough by SNI with the same table and the same `steer()`.
+//! endpoint slots. [`listen`] has cellgate's own accept loops and
+//! connection drivers (client-side timeouts and limits) that hand requests
+//! to pingora's HTTP engine; [`tls`] loads and serves certificates by SNI;
+//! [`l4`] proxies plain TCP and TLS passthrough by SNI with the same table
+//! and the same `steer()`.
 //!
 //! Depends on `config`, `routing` and `snapshot`; never on health, DNS or
 //! admin.
@@ -17,6 +19,8 @@
 #![forbid(unsafe_code)]
 
 mod budget;
+mod conn;
+mod framing;
 mod http;
 pub mod l4;
 pub mod listen;
@@ -28,7 +32,7 @@ use std::sync::Arc;
 use cellgate_config::Config;
 use cellgate_routing::StickyKey;
 use cellgate_snapshot::Snapshots;
-use pingora::{apps::HttpServerOptions, server::configuration::ServerConf};
+use pingora::server::configuration::ServerConf;
 
 pub use budget::RetryBudget;
 pub use http::{CellProxy, RequestCtx, CELL_HEADER};
@@ -50,9 +54,7 @@ pub fn http_app(config: &Config, snapshots: Arc<Snapshots>, sticky: Option<Stick
         ..Default::default()
     });
     let proxy = CellProxy::new(snapshots, sticky, config.proxy.clone(), tls);
-    let mut app = pingora::proxy::http_proxy(&conf, proxy);
-    let mut options = HttpServerOptions::default();
-    options.h2c = !tls;
-    app.server_options = Some(options);
-    Arc::new(app)
+    // Connections are driven by `listen` (h2c is told from HTTP/1 there):
+    // pingora's server options are not used.
+    Arc::new(pingora::proxy::http_proxy(&conf, proxy))
 }

@@ -206,7 +206,7 @@ pub fn steer(table: &RoutingTable, q: &RouteQuery<'_>, now: Timestamp) -> Decisi
                 CellState::Drained(drain) => {
                     drain.mode == DrainMode::Soft
                         && drain.deadline.is_none_or(|t| now < t)
-                        && table.cell(c).measurement.health == crate::Health::Up
+                        && table.cell(c).measurement.effective_health() == crate::Health::Up
                 }
                 CellState::Unknown | CellState::Down => false,
             }

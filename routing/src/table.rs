@@ -110,6 +110,21 @@ pub struct CellMeasurement {
     pub endpoints_total: u32,
     /// Every endpoint of the cell, `http` then `tcp`, in config order.
     pub endpoints: Vec<EndpointMeasurement>,
+    /// The fleet treats the cell as down everywhere (a majority of edges
+    /// sees it down), whatever `health`, this edge's own view, says.
+    pub fleet_down: bool,
+}
+
+impl CellMeasurement {
+    /// The health routing goes by: this edge's own, or down when the
+    /// fleet says so.
+    pub fn effective_health(&self) -> Health {
+        if self.fleet_down {
+            Health::Down
+        } else {
+            self.health
+        }
+    }
 }
 
 /// One endpoint of a cell as seen by active and passive health.
@@ -418,7 +433,7 @@ impl RoutingTable {
             .map(|(ci, c)| {
                 let m = measurements.cells.get(ci).cloned().unwrap_or_default();
                 let drain = operator.drains.get(&c.id).copied();
-                let state = match (drain, m.health) {
+                let state = match (drain, m.effective_health()) {
                     (Some(d), _) => CellState::Drained(d),
                     (None, Health::Up) => CellState::Eligible,
                     (None, Health::Down) => CellState::Down,

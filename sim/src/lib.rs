@@ -5,7 +5,9 @@
 //!
 //! Serves HTTP on `listen` (every request gets a small JSON body naming the
 //! cell, method, path and the forwarding headers it saw; `/healthz` answers
-//! with `x-cell-load`; WebSocket upgrades get an echo), optionally TCP on
+//! with `x-cell-load`; `/status/N` answers status N; `/stream` answers a
+//! body of unknown length, which HTTP/1.1 sends chunked; WebSocket upgrades
+//! get an echo), optionally TCP on
 //! `tcp_listen` (writes the cell id and a newline, then echoes), and a
 //! control API on `control_listen` that changes its behaviour at run time:
 //! `POST /down`, `/up`, `/health-fail`, `/health-ok`, `/latency?ms=N`,
@@ -29,7 +31,7 @@ use std::{
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use rand::Rng;
@@ -88,12 +90,21 @@ impl Drop for SimCell {
     }
 }
 
-type Body = Full<Bytes>;
+type Body = BoxBody<Bytes, Infallible>;
 
 fn respond(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
-    let mut r = Response::new(Full::new(body.into()));
+    let mut r = Response::new(Full::new(body.into()).boxed());
     *r.status_mut() = status;
     r
+}
+
+/// A body in three pieces with no length known up front.
+fn stream_body(id: &str) -> Response<Body> {
+    let parts: Vec<Result<hyper::body::Frame<Bytes>, Infallible>> = ["stream ", id, " end\n"]
+        .iter()
+        .map(|p| Ok(hyper::body::Frame::data(Bytes::from(p.to_string()))))
+        .collect();
+    Response::new(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(parts))))
 }
 
 fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
@@ -245,6 +256,12 @@ async fn echo(mut stream: TcpStream, id: String) {
 }
 
 async fn serve(s: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    // A cell that is down answers nothing, not even on a connection opened
+    // before `/down` that has not closed yet: the request waits until the
+    // connection is dropped under it, as a dead cell's would.
+    if !s.up.load(Ordering::SeqCst) {
+        return std::future::pending().await;
+    }
     // A blackholed cell holds every request until `/up` (or `/down`, which
     // closes the connection under it).
     let _ = s.blackhole.subscribe().wait_for(|held| !held).await;
@@ -269,14 +286,39 @@ async fn serve(s: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
     if is_websocket(&req) {
         return websocket(s, req);
     }
+    if req.uri().path() == "/stream" {
+        return stream_body(&s.id);
+    }
+    if let Some(code) = req
+        .uri()
+        .path()
+        .strip_prefix("/status/")
+        .and_then(|c| c.parse::<u16>().ok())
+        .and_then(|c| StatusCode::from_u16(c).ok())
+    {
+        return json(code, serde_json::json!({ "cell": s.id, "status": code.as_u16() }));
+    }
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let all = |name: &str| {
+        req.headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let mut body = serde_json::json!({
         "cell": s.id,
         "method": req.method().as_str(),
         "path": req.uri().path(),
+        "version": format!("{:?}", req.version()),
         "host": header("host"),
         "x_forwarded_for": header("x-forwarded-for"),
         "x_forwarded_proto": header("x-forwarded-proto"),
+        "x_forwarded_host": header("x-forwarded-host"),
+        "x_real_ip": header("x-real-ip"),
+        "forwarded": header("forwarded"),
+        "via": all("via"),
         "x_tenant": header("x-tenant"),
     });
     let fail_rate = State::f64(&s.fail_rate);

@@ -30,7 +30,9 @@ use tokio::sync::watch;
 
 pub use clock::{Clock, Elapsed};
 pub use counter::RollingCounter;
-pub use endpoints::{Ejection, EndpointSlot, InflightGuard, PassiveSink, UpstreamOutcome};
+pub use endpoints::{
+    EjectRule, Ejection, EndpointSlot, InflightGuard, PassiveSink, Source, UpstreamOutcome, MAX_SOURCES,
+};
 pub use metrics::{CellMetrics, EdgeMetrics, Metrics, PairMetrics, ServiceMetrics};
 pub use traffic::{CellTraffic, ServiceCells, Traffic};
 
@@ -145,14 +147,15 @@ impl Snapshot {
         &self.layout.endpoints[idx.0 as usize]
     }
 
-    /// Feeds one upstream outcome to passive health; asks the publisher to
-    /// eject the endpoint when the failure crosses the threshold.
-    pub fn report(&self, idx: EndpointIdx, outcome: UpstreamOutcome) {
+    /// Feeds one upstream outcome of a request from `source` to passive
+    /// health; asks the publisher to eject the endpoint when its failure
+    /// streak qualifies.
+    pub fn report(&self, idx: EndpointIdx, outcome: UpstreamOutcome, source: Source) {
         let Some(slot) = self.layout.endpoints.get(idx.0 as usize) else {
             return;
         };
         let passive = &self.layout.passive;
-        if slot.record(outcome, passive.threshold) {
+        if slot.record(outcome, source, passive.rule) {
             if let Some(tx) = &passive.tx {
                 let _ = tx.send(Ejection {
                     epoch: self.layout.epoch,

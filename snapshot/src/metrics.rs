@@ -184,9 +184,13 @@ pub struct CellMetrics {
     pub up: Gauge,
     pub endpoints_up: Gauge,
     pub rtt: Gauge,
+    pub rtt_p50: Gauge,
     pub rtt_p99: Gauge,
     pub load: Gauge,
     pub drained: Gauge,
+    /// Registered with the cell (at 0), so the first ejection shows in a
+    /// `rate()` too.
+    pub passive_ejections: Counter,
 }
 
 impl CellMetrics {
@@ -197,9 +201,11 @@ impl CellMetrics {
             up: m.gauge("cellgate_cell_up", &l),
             endpoints_up: m.gauge("cellgate_cell_endpoints_up", &l),
             rtt: m.gauge("cellgate_cell_rtt_seconds", &l),
+            rtt_p50: m.gauge("cellgate_cell_rtt_p50_seconds", &l),
             rtt_p99: m.gauge("cellgate_cell_rtt_p99_seconds", &l),
             load: m.gauge("cellgate_cell_load", &l),
             drained: m.gauge("cellgate_cell_drained", &l),
+            passive_ejections: m.counter("cellgate_passive_ejections_total", &l),
         }
     }
 }
@@ -229,6 +235,40 @@ pub const L4_REJECTS: [&str; 13] = [
     "upstream_write",
 ];
 
+/// Kinds of client misbehaviour counted in
+/// `cellgate_client_errors_total{kind}` (never logged above DEBUG).
+pub const CLIENT_ERRORS: [&str; 8] = [
+    "bad_request",
+    "head_too_large",
+    "too_many_headers",
+    "method_not_allowed",
+    "tls_handshake",
+    "h2_handshake",
+    "h2_rejected_stream",
+    "h2_too_many_rejected",
+];
+/// Indices into [`CLIENT_ERRORS`].
+pub mod client_error {
+    pub const BAD_REQUEST: usize = 0;
+    pub const HEAD_TOO_LARGE: usize = 1;
+    pub const TOO_MANY_HEADERS: usize = 2;
+    pub const METHOD_NOT_ALLOWED: usize = 3;
+    pub const TLS_HANDSHAKE: usize = 4;
+    pub const H2_HANDSHAKE: usize = 5;
+    pub const H2_REJECTED_STREAM: usize = 6;
+    pub const H2_TOO_MANY_REJECTED: usize = 7;
+}
+/// Client-side timeouts counted in `cellgate_client_timeouts_total{kind}`.
+pub const CLIENT_TIMEOUTS: [&str; 5] = ["header", "keepalive", "tls_handshake", "h2_idle", "h2_ping"];
+/// Indices into [`CLIENT_TIMEOUTS`].
+pub mod client_timeout {
+    pub const HEADER: usize = 0;
+    pub const KEEPALIVE: usize = 1;
+    pub const TLS_HANDSHAKE: usize = 2;
+    pub const H2_IDLE: usize = 3;
+    pub const H2_PING: usize = 4;
+}
+
 /// Handles that do not depend on the config: made once per edge.
 #[derive(Debug)]
 pub struct EdgeMetrics {
@@ -247,8 +287,13 @@ pub struct EdgeMetrics {
     pub dns_cache_hits: Counter,
     pub dns_cache_misses: Counter,
     pub dns_cache_uncacheable: Counter,
+    /// `cellgate_responses_total{service="-",cell="-",class}`: responses
+    /// the proxy sent itself before or without choosing a cell.
+    pub unrouted_responses: [Counter; 6],
     /// `cellgate_requests_unrouted_total{status}`, by status code (0–599).
     unrouted: Box<[LazyCounter]>,
+    client_errors: Box<[LazyCounter]>,
+    client_timeouts: Box<[LazyCounter]>,
     dns_queries: Box<[LazyCounter]>,
     l4_rejected: Box<[LazyCounter]>,
 }
@@ -264,7 +309,15 @@ impl EdgeMetrics {
             dns_cache_hits: metrics.counter("cellgate_dns_cache_total", &[("result", "hit")]),
             dns_cache_misses: metrics.counter("cellgate_dns_cache_total", &[("result", "miss")]),
             dns_cache_uncacheable: metrics.counter("cellgate_dns_cache_total", &[("result", "uncacheable")]),
+            unrouted_responses: STATUS_CLASSES.map(|class| {
+                metrics.counter(
+                    "cellgate_responses_total",
+                    &[("service", "-"), ("cell", "-"), ("class", class)],
+                )
+            }),
             unrouted: (0..600).map(|_| LazyCounter::default()).collect(),
+            client_errors: (0..CLIENT_ERRORS.len()).map(|_| LazyCounter::default()).collect(),
+            client_timeouts: (0..CLIENT_TIMEOUTS.len()).map(|_| LazyCounter::default()).collect(),
             dns_queries: (0..DNS_QTYPES.len() * DNS_RCODES.len())
                 .map(|_| LazyCounter::default())
                 .collect(),
@@ -279,6 +332,32 @@ impl EdgeMetrics {
         self.unrouted[i].get(|| {
             self.metrics
                 .counter("cellgate_requests_unrouted_total", &[("status", &status.to_string())])
+        })
+    }
+
+    /// A response the proxy sent itself without a cell (`status` 0: none):
+    /// counts it in `cellgate_responses_total{service="-",cell="-"}` and
+    /// `cellgate_requests_unrouted_total{status}`.
+    pub fn unrouted_response(&self, status: u16) {
+        self.unrouted_responses[status_class(status)].increment(1);
+        self.unrouted(status).increment(1);
+    }
+
+    /// Client misbehaviour of `kind` (index in [`CLIENT_ERRORS`]).
+    pub fn client_error(&self, kind: usize) -> &Counter {
+        let k = kind.min(CLIENT_ERRORS.len() - 1);
+        self.client_errors[k].get(|| {
+            self.metrics
+                .counter("cellgate_client_errors_total", &[("kind", CLIENT_ERRORS[k])])
+        })
+    }
+
+    /// A client-side timeout of `kind` (index in [`CLIENT_TIMEOUTS`]).
+    pub fn client_timeout(&self, kind: usize) -> &Counter {
+        let k = kind.min(CLIENT_TIMEOUTS.len() - 1);
+        self.client_timeouts[k].get(|| {
+            self.metrics
+                .counter("cellgate_client_timeouts_total", &[("kind", CLIENT_TIMEOUTS[k])])
         })
     }
 

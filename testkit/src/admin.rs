@@ -108,6 +108,15 @@ impl AdminClient {
         self.send(self.req(reqwest::Method::GET, "/api/v1/services")).await
     }
 
+    /// The history of every cell (the samples after `since_ms`, or all).
+    pub async fn history(&self, since_ms: Option<u64>) -> Result<HistoryView> {
+        self.send(
+            self.req(reqwest::Method::GET, "/api/v1/history")
+                .query(&HistoryQuery { since_ms }),
+        )
+        .await
+    }
+
     pub async fn drain(&self, cell: &str, req: &DrainRequest) -> Result<DrainResponse> {
         self.post(&format!("/api/v1/cells/{cell}/drain"), req).await
     }
@@ -120,7 +129,11 @@ impl AdminClient {
     pub async fn weight(&self, cell: &str, weight: f64) -> Result<Weighted> {
         self.send(
             self.req(reqwest::Method::PUT, &format!("/api/v1/cells/{cell}/weight"))
-                .json(&WeightRequest { weight }),
+                .json(&WeightRequest {
+                    weight,
+                    scope: Scope::Fleet,
+                    expected_revision: None,
+                }),
         )
         .await
     }
@@ -133,7 +146,11 @@ impl AdminClient {
     pub async fn pin(&self, service: &str, key: &str, cell: &str) -> Result<Pinned> {
         self.send(
             self.req(reqwest::Method::PUT, &format!("/api/v1/shards/{service}/{key}"))
-                .json(&PinRequest { cell: cell.into() }),
+                .json(&PinRequest {
+                    cell: cell.into(),
+                    scope: Scope::Fleet,
+                    expected_revision: None,
+                }),
         )
         .await
     }
@@ -146,6 +163,24 @@ impl AdminClient {
     pub async fn explain(&self, q: &ExplainQuery) -> Result<Explanation> {
         self.send(self.req(reqwest::Method::GET, "/api/v1/explain").query(q))
             .await
+    }
+
+    /// A drain sent with `If-Match: "<revision>"`.
+    pub async fn drain_if_match(&self, cell: &str, req: &DrainRequest, revision: i64) -> Result<DrainResponse> {
+        self.send(
+            self.req(reqwest::Method::POST, &format!("/api/v1/cells/{cell}/drain"))
+                .header("if-match", format!("\"{revision}\""))
+                .json(req),
+        )
+        .await
+    }
+
+    pub async fn fleet(&self) -> Result<FleetStatus> {
+        self.send(self.req(reqwest::Method::GET, "/api/v1/fleet")).await
+    }
+
+    pub async fn audit(&self) -> Result<AuditView> {
+        self.send(self.req(reqwest::Method::GET, "/api/v1/audit")).await
     }
 
     pub async fn reload(&self) -> Result<ReloadResult> {

@@ -129,6 +129,19 @@ impl TestEdge {
             .unwrap_or_else(|_| panic!("the publisher stopped"));
     }
 
+    /// Moves the clock by one history period and waits until the sampler
+    /// has taken the sample that falls due (the status page's charts get
+    /// one more point).
+    pub async fn sample(&self) {
+        let mut samples = self.admin.history.subscribe();
+        let before = *samples.borrow_and_update();
+        self.clock.advance(self.admin.history.period());
+        tokio::time::timeout(PATIENCE, samples.wait_for(|n| *n > before))
+            .await
+            .unwrap_or_else(|_| panic!("no history sample within {PATIENCE:?}"))
+            .unwrap_or_else(|_| panic!("the history is gone"));
+    }
+
     /// Probe rounds until `cond` holds of the published snapshot (at most
     /// `rounds`).
     pub async fn probe_until(&self, rounds: usize, cond: impl Fn(&Snapshot) -> bool) {
@@ -240,6 +253,26 @@ impl TestEdge {
             .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0.0)
+    }
+
+    /// Waits (bounded by [`PATIENCE`]) until `cond` holds of one metric
+    /// series, and returns its value. Counters a response bumps are
+    /// recorded after the client has the response, so a test reads them
+    /// through this.
+    pub async fn metric_until(&self, series: &str, cond: impl Fn(f64) -> bool) -> f64 {
+        let wait = async {
+            loop {
+                let v = self.metric(series);
+                if cond(v) {
+                    return v;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        match tokio::time::timeout(PATIENCE, wait).await {
+            Ok(v) => v,
+            Err(_) => panic!("{series} = {} after {PATIENCE:?}", self.metric(series)),
+        }
     }
 
     /// Stops the edge and waits for it.

@@ -17,7 +17,11 @@ mod admin;
 pub mod browser;
 mod dns;
 mod edge;
+pub mod etcd;
+pub mod mmdb;
+pub mod process;
 mod topology;
+pub mod wire;
 
 use std::time::Duration;
 

@@ -160,8 +160,27 @@ impl Topology {
     pub fn https(mut self, cert: &Path, key: &Path) -> Self {
         self.raw.listeners.https = Some(cellgate_config::raw::RawTls {
             listen: ANY_PORT.into(),
-            cert: cert.display().to_string(),
-            key: key.display().to_string(),
+            cert: Some(cert.display().to_string()),
+            key: Some(key.display().to_string()),
+            certs: Vec::new(),
+        });
+        self
+    }
+
+    /// An HTTPS listener with several certificates (`{dir}/<name>.crt` and
+    /// `.key` for each name), chosen by SNI; the first is the default.
+    pub fn https_certs(mut self, names: &[&str]) -> Self {
+        self.raw.listeners.https = Some(cellgate_config::raw::RawTls {
+            listen: ANY_PORT.into(),
+            cert: None,
+            key: None,
+            certs: names
+                .iter()
+                .map(|n| cellgate_config::raw::RawCert {
+                    cert: format!("{{dir}}/{n}.crt"),
+                    key: format!("{{dir}}/{n}.key"),
+                })
+                .collect(),
         });
         self
     }
@@ -206,6 +225,9 @@ impl Topology {
             load_limit: None,
             http: Vec::new(),
             http_host: None,
+            http_protocol: None,
+            tls_server_name: None,
+            tls_ca: None,
             tcp: Vec::new(),
             dns: Vec::new(),
             health: None,

@@ -386,3 +386,26 @@ pub async fn kdig(server: SocketAddr, args: &[&str]) -> String {
     .await
     .expect("kdig thread")
 }
+
+/// Serves the topology with `[geo] mmdb` set to a database holding `nets`,
+/// asks `app.example.test A` with each case's client subnet (network,
+/// source prefix) and checks the answer and the scope the reply names.
+pub async fn check_geo_database(nets: &[cellgate_testkit::mmdb::GeoNet], cases: &[(&str, u8, &str, u8)]) {
+    let dir = tempfile::tempdir().expect("dir");
+    cellgate_testkit::mmdb::write_city(&dir.path().join("city.mmdb"), nets);
+    let f = Fixture::new(
+        &config_text("[geo]\nmmdb = \"city.mmdb\"\n"),
+        &dir.path().join("dns.toml"),
+    )
+    .await;
+    for &(net, prefix, want, want_scope) in cases {
+        let m = ask(
+            &f,
+            Proto::Udp,
+            &Ask::new("app.example.test.", RecordType::A).ecs(net, prefix),
+        )
+        .await;
+        assert_eq!(addrs(&m), [want], "{net}/{prefix}");
+        assert_eq!(scope(&m), Some((prefix, want_scope)), "{net}/{prefix}");
+    }
+}

@@ -3,8 +3,6 @@
 //! the same ports and data; and a TCP relay a test can cut to take one
 //! edge off etcd while the others stay connected.
 
-#![allow(dead_code)]
-
 use std::{
     net::{SocketAddr, TcpListener},
     path::PathBuf,
@@ -22,6 +20,7 @@ use tokio::sync::watch;
 
 pub const ETCD: &str = "etcd";
 
+#[derive(Debug)]
 pub struct Etcd {
     child: Option<Child>,
     dir: tempfile::TempDir,
@@ -32,7 +31,7 @@ pub struct Etcd {
 
 /// PEM files for etcd with client TLS: a CA, etcd's certificate (IP SAN
 /// 127.0.0.1) and a client certificate for the edges.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Tls {
     pub ca: PathBuf,
     pub server_cert: PathBuf,
@@ -171,8 +170,9 @@ impl Etcd {
         self.child = Some(child);
         let store = FleetStore::new(&self.fleet("/ready/"), "probe").expect("store");
         let ready = async {
+            let mut retry = tokio::time::interval(Duration::from_millis(50));
             while store.load().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                retry.tick().await;
             }
         };
         if tokio::time::timeout(Duration::from_secs(20), ready).await.is_err() {
@@ -202,6 +202,7 @@ pub fn fleet(url: &str, prefix: &str) -> Fleet {
 
 /// A TCP relay to etcd that a test can cut (every connection closed, new
 /// ones refused at once) and heal.
+#[derive(Debug)]
 pub struct Relay {
     pub addr: SocketAddr,
     open: Arc<AtomicBool>,
@@ -248,5 +249,30 @@ impl Relay {
 
     pub fn heal(&self) {
         self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+impl crate::Topology {
+    /// A `[fleet]` table on this etcd with test-sized timings (request
+    /// timeout 1 s, lease 2 s, reports every 500 ms), the edge named `name`,
+    /// the fleet cache beside the state file.
+    pub fn fleet(self, etcd_url: &str, name: &str) -> Self {
+        self.with(|r| {
+            r.edge.name = name.into();
+            r.fleet = Some(cellgate_config::raw::RawFleet {
+                etcd: cellgate_config::raw::RawEtcd {
+                    endpoints: vec![etcd_url.into()],
+                    auth: None,
+                    tls: None,
+                },
+                prefix: Some("/cellgate/".into()),
+                connect_timeout: Some("1s".into()),
+                request_timeout: Some("1s".into()),
+                lease_ttl: Some("2s".into()),
+                report_interval: Some("500ms".into()),
+                cache_file: Some("{dir}/fleet.json".into()),
+                partial_outage: None,
+            })
+        })
     }
 }
