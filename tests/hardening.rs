@@ -378,6 +378,18 @@ async fn a_reload_rotates_certificates_or_keeps_the_old_ones_with_422() {
 // ---------------------------------------------------------------------
 // 3. Upgraded connections have their own idle timeout.
 
+/// The next text message on a WebSocket.
+async fn echo<S>(ws: &mut S) -> String
+where
+    S: futures_util::Stream<
+            Item = Result<tokio_tungstenite::tungstenite::Message, tokio_tungstenite::tungstenite::Error>,
+        > + Unpin,
+{
+    use futures_util::StreamExt;
+    let m = ws.next().await.expect("echo").expect("message");
+    m.into_text().expect("text").as_str().to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_outlives_the_read_timeout_and_closes_when_idle() {
     use futures_util::{SinkExt, StreamExt};
@@ -394,29 +406,11 @@ async fn a_websocket_outlives_the_read_timeout_and_closes_when_idle() {
     req.headers_mut().insert("host", "app.test".parse().expect("host"));
     let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("websocket");
     ws.send(Message::text("a")).await.expect("send");
-    assert_eq!(
-        ws.next()
-            .await
-            .expect("echo")
-            .expect("message")
-            .into_text()
-            .expect("text")
-            .as_str(),
-        "eu: a"
-    );
+    assert_eq!(echo(&mut ws).await, "eu: a");
     // Quiet for longer than the read timeout (which used to kill it).
     tokio::time::sleep(Duration::from_millis(700)).await;
     ws.send(Message::text("b")).await.expect("send after a quiet spell");
-    assert_eq!(
-        ws.next()
-            .await
-            .expect("echo")
-            .expect("message")
-            .into_text()
-            .expect("text")
-            .as_str(),
-        "eu: b"
-    );
+    assert_eq!(echo(&mut ws).await, "eu: b");
     // Quiet past the WebSocket idle timeout: closed.
     let closed = async {
         while let Some(Ok(m)) = ws.next().await {
