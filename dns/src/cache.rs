@@ -409,16 +409,7 @@ impl AnswerCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{read, Read};
-
-    fn query(name: &[u8], qtype: u16, additional: &[u8], arcount: u16) -> Vec<u8> {
-        let mut m = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, arcount as u8];
-        m.extend_from_slice(name);
-        m.extend_from_slice(&qtype.to_be_bytes());
-        m.extend_from_slice(&1u16.to_be_bytes());
-        m.extend_from_slice(additional);
-        m
-    }
+    use crate::wire::{read, tests::query, Read};
 
     fn opt(payload: u16, flags: u16, options: &[u8]) -> Vec<u8> {
         let mut o = vec![0, 0, 41];

@@ -285,6 +285,17 @@ async fn old_process() -> Old {
     Old { addr, set, _stop: stop }
 }
 
+/// Whether the hand-off failed because the new process went away before it
+/// said it was ready.
+fn died_before_ready(err: &Error) -> bool {
+    matches!(
+        err,
+        Error::PeerClosed {
+            phase: Phase::AwaitingReady
+        }
+    )
+}
+
 #[tokio::test]
 async fn the_old_process_keeps_serving_when_the_new_one_dies_before_ready() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -298,15 +309,7 @@ async fn the_old_process_keeps_serving_when_the_new_one_dies_before_ready() {
     });
     let offered = handoff.send(&old.set).await.expect("sent");
     let err = offered.wait_ready().await.expect_err("the new process died");
-    assert!(
-        matches!(
-            err,
-            Error::PeerClosed {
-                phase: Phase::AwaitingReady
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(died_before_ready(&err), "{err:?}");
     new.await.expect("new process task");
     assert_eq!(ask(old.addr).await.as_deref(), Ok("old"));
 }
@@ -452,15 +455,7 @@ async fn a_second_process_that_dies_before_ready_leaves_the_old_one_serving() {
     let mut child = spawn_new_process(dir.path(), handoff.path(), old.addr, any, true);
     let offered = handoff.send(&old.set).await.expect("sent");
     let err = offered.wait_ready().await.expect_err("the new process died");
-    assert!(
-        matches!(
-            err,
-            Error::PeerClosed {
-                phase: Phase::AwaitingReady
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(died_before_ready(&err), "{err:?}");
     assert_eq!(child.wait().await.expect("exit status").code(), Some(3));
     for _ in 0..20 {
         assert_eq!(ask(old.addr).await.as_deref(), Ok("old"));
