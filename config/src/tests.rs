@@ -665,6 +665,11 @@ fn rate_limiting_defaults_and_ranges() {
     ] {
         assert_error(&format!("{BASE}{DNS}\n[dns.rrl]\n{line}\n"), key, needle);
     }
+    assert_error(
+        &format!("{BASE}\n[proxy]\ntrusted_proxies = [\"127.0.0.1\", \"fe80::/129\"]\n"),
+        "proxy.trusted_proxies[1]",
+        "invalid CIDR `fe80::/129`",
+    );
     let errs = errors(&format!("{BASE}{DNS}\n[dns.rrl]\nrate = 5\n"));
     assert!(
         errs[0].contains("dns.rrl") && errs[0].contains("unknown field `rate`"),
