@@ -383,16 +383,30 @@ impl Edge {
         }
         let dns = match config.listeners.dns {
             Some(a) => {
-                let udp = inherited.udp_socket(&SocketName::DNS_UDP, a)?;
-                let tcp = inherited.tcp_listener(&SocketName::DNS_TCP, a)?;
-                let d = match (udp, tcp) {
-                    (Some(udp), Some(tcp)) => {
-                        tracing::info!(addr = %a, "dns: serving on the sockets inherited from the previous process");
-                        cellgate_dns::DnsListener::from_std(udp, tcp)?
+                let workers = config.dns.workers.max(1);
+                let mut udp = Vec::with_capacity(workers);
+                for n in 0..workers {
+                    match inherited.udp_socket(&SocketName::dns_udp(n), a)? {
+                        Some(s) => udp.push(s),
+                        None => break,
                     }
-                    _ => cellgate_dns::DnsListener::bind(a).await?,
+                }
+                let tcp = inherited.tcp_listener(&SocketName::DNS_TCP, a)?;
+                let d = match (udp.is_empty(), tcp) {
+                    (false, Some(tcp)) => {
+                        tracing::info!(
+                            addr = %a,
+                            inherited = udp.len(),
+                            workers,
+                            "dns: serving on the sockets inherited from the previous process"
+                        );
+                        cellgate_dns::DnsListener::from_std(udp, tcp, workers)?
+                    }
+                    _ => cellgate_dns::DnsListener::bind(a, workers).await?,
                 };
-                sockets.insert(SocketName::DNS_UDP, &d.udp)?;
+                for (n, s) in d.udp.iter().enumerate() {
+                    sockets.insert(SocketName::dns_udp(n), s)?;
+                }
                 sockets.insert(SocketName::DNS_TCP, &d.tcp)?;
                 addrs.dns = d.local_addr();
                 Some(d)

@@ -420,6 +420,25 @@ impl Validator {
                 format!("{max_udp_payload} is out of range: expected 512 to 4096"),
             );
         }
+        let workers = match raw.workers {
+            None => d.workers,
+            Some(n @ 1..=64) => n as usize,
+            Some(n) => {
+                self.problem("dns.workers", format!("{n} is out of range: expected 1 to 64"));
+                d.workers
+            }
+        };
+        let answer_cache = match raw.answer_cache {
+            None => d.answer_cache,
+            Some(n @ 0..=1_048_576) => n as usize,
+            Some(n) => {
+                self.problem(
+                    "dns.answer_cache",
+                    format!("{n} is out of range: expected 0 (off) to 1048576 entries"),
+                );
+                d.answer_cache
+            }
+        };
         let mut zones: Vec<Zone> = Vec::new();
         for (i, z) in raw.zones.iter().enumerate() {
             if let Some(zone) = self.zone(&format!("dns.zones[{i}]"), z) {
@@ -450,6 +469,8 @@ impl Validator {
         let rrl = raw.rrl.as_ref().map(|r| self.rrl(r));
         Dns {
             max_udp_payload: max_udp_payload.clamp(512, 4096),
+            workers,
+            answer_cache,
             zones,
             rrl,
         }
@@ -592,19 +613,7 @@ impl Validator {
                 format!("{ipv6_prefix} is out of range: expected 0 to 128"),
             );
         }
-        let mut exempt = Vec::new();
-        for (i, c) in raw.exempt.iter().enumerate() {
-            match c.parse::<ipnet::IpNet>() {
-                Ok(n) => exempt.push(n.trunc()),
-                Err(_) => match c.parse::<IpAddr>() {
-                    Ok(ip) => exempt.push(ipnet::IpNet::from(ip)),
-                    Err(_) => self.problem(
-                        format!("dns.rrl.exempt[{i}]"),
-                        format!("invalid CIDR `{c}`: expected a network like \"192.0.2.0/24\" or an address"),
-                    ),
-                },
-            }
-        }
+        let exempt = self.networks("dns.rrl.exempt", &raw.exempt);
         let table_size = raw.table_size.map_or(d.table_size, |n| n as usize);
         if !(1024..=1 << 24).contains(&table_size) {
             self.problem(
@@ -720,19 +729,7 @@ impl Validator {
         if !(1..=256).contains(&threads) {
             self.problem("proxy.threads", format!("{threads} is out of range: expected 1 to 256"));
         }
-        let mut trusted_proxies = Vec::new();
-        for (i, c) in raw.trusted_proxies.iter().enumerate() {
-            match c.parse::<ipnet::IpNet>() {
-                Ok(n) => trusted_proxies.push(n.trunc()),
-                Err(_) => match c.parse::<std::net::IpAddr>() {
-                    Ok(ip) => trusted_proxies.push(ipnet::IpNet::from(ip)),
-                    Err(_) => self.problem(
-                        format!("proxy.trusted_proxies[{i}]"),
-                        format!("invalid CIDR `{c}`: expected a network like \"127.0.0.0/8\" or an address"),
-                    ),
-                },
-            }
-        }
+        let trusted_proxies = self.networks("proxy.trusted_proxies", &raw.trusted_proxies);
         let max_retries = raw.max_retries.unwrap_or(d.max_retries);
         if max_retries > 7 {
             self.problem(
@@ -911,6 +908,25 @@ impl Validator {
                 None
             }
         }
+    }
+
+    /// A list of networks (`192.0.2.0/24`) or single addresses (a /32 or
+    /// /128), host bits cleared; each bad entry is a problem at `key[i]`.
+    fn networks(&mut self, key: &str, list: &[String]) -> Vec<ipnet::IpNet> {
+        let mut nets = Vec::with_capacity(list.len());
+        for (i, c) in list.iter().enumerate() {
+            match c.parse::<ipnet::IpNet>() {
+                Ok(n) => nets.push(n.trunc()),
+                Err(_) => match c.parse::<IpAddr>() {
+                    Ok(ip) => nets.push(ipnet::IpNet::from(ip)),
+                    Err(_) => self.problem(
+                        format!("{key}[{i}]"),
+                        format!("invalid CIDR `{c}`: expected a network like \"192.0.2.0/24\" or an address"),
+                    ),
+                },
+            }
+        }
+        nets
     }
 
     fn duration(&mut self, key: &str, s: Option<&String>, default: Duration) -> Duration {

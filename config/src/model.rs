@@ -678,6 +678,12 @@ pub struct Dns {
     /// suggests 1232 to avoid fragmentation). Also the payload size the
     /// server advertises in its own OPT record.
     pub max_udp_payload: u16,
+    /// UDP worker threads, each with its own `SO_REUSEPORT` socket and
+    /// answer cache (1–64; default 1). Takes effect at a restart.
+    pub workers: usize,
+    /// Encoded responses kept per UDP worker (0: no cache; at most
+    /// 1 048 576; default 4096). Takes effect at a restart.
+    pub answer_cache: usize,
     pub zones: Vec<Zone>,
     /// Response rate limiting; `None`: off.
     pub rrl: Option<Rrl>,
@@ -687,6 +693,8 @@ impl Default for Dns {
     fn default() -> Self {
         Self {
             max_udp_payload: 1232,
+            workers: 1,
+            answer_cache: 4096,
             zones: Vec::new(),
             rrl: None,
         }

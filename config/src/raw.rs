@@ -129,6 +129,8 @@ pub struct RawAdminToken {
 #[serde(deny_unknown_fields)]
 pub struct RawDns {
     pub max_udp_payload: Option<u16>,
+    pub workers: Option<i64>,
+    pub answer_cache: Option<i64>,
     #[serde(default)]
     pub zones: Vec<RawZone>,
     pub rrl: Option<RawRrl>,

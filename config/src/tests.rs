@@ -665,6 +665,11 @@ fn rate_limiting_defaults_and_ranges() {
     ] {
         assert_error(&format!("{BASE}{DNS}\n[dns.rrl]\n{line}\n"), key, needle);
     }
+    assert_error(
+        &format!("{BASE}\n[proxy]\ntrusted_proxies = [\"127.0.0.1\", \"fe80::/129\"]\n"),
+        "proxy.trusted_proxies[1]",
+        "invalid CIDR `fe80::/129`",
+    );
     let errs = errors(&format!("{BASE}{DNS}\n[dns.rrl]\nrate = 5\n"));
     assert!(
         errs[0].contains("dns.rrl") && errs[0].contains("unknown field `rate`"),
@@ -774,4 +779,25 @@ fn tracing_mistakes_are_reported_with_their_key() {
     assert!(errs[0].contains("tracing.protocol"), "{errs:?}");
     let errs = errors(&format!("{BASE}\n[tracing]\n{on}\nendpoint = \"x\"\n"));
     assert!(errs[0].contains("unknown field `endpoint`"), "{errs:?}");
+}
+
+#[test]
+fn dns_workers_and_answer_cache_defaults_and_ranges() {
+    let c = parse_str(&format!("{BASE}{DNS}")).expect("valid");
+    assert_eq!((c.dns.workers, c.dns.answer_cache), (1, 4096));
+    // `[dns]` may come after the zones, as the bench's derived configs put it.
+    let c = parse_str(&format!("{BASE}{DNS}\n[dns]\nworkers = 4\nanswer_cache = 0\n")).expect("valid");
+    assert_eq!((c.dns.workers, c.dns.answer_cache), (4, 0));
+    for (line, key, needle) in [
+        ("workers = 0", "dns.workers", "expected 1 to 64"),
+        ("workers = 65", "dns.workers", "expected 1 to 64"),
+        ("answer_cache = -1", "dns.answer_cache", "expected 0 (off) to 1048576"),
+        (
+            "answer_cache = 2000000",
+            "dns.answer_cache",
+            "expected 0 (off) to 1048576",
+        ),
+    ] {
+        assert_error(&format!("{BASE}{DNS}\n[dns]\n{line}\n"), key, needle);
+    }
 }
