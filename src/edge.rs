@@ -562,6 +562,9 @@ impl BoundEdge {
         let (stop_tx, stop_rx) = watch::channel(false);
         let conns = TaskTracker::new();
         let cancel = CancellationToken::new();
+        // Closes keep-alive connections waiting for their next request
+        // (cellgate's HTTP/1 driver waits for it outside pingora).
+        let idle_close = CancellationToken::new();
         let spawn_control = |f: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>| match &self.control {
             Some(h) => h.spawn(f),
             None => tokio::spawn(f),
@@ -570,7 +573,8 @@ impl BoundEdge {
         for l in self.http {
             tracing::info!(listener = l.name(), addr = ?l.local_addr().ok(), "http serving");
             let (rx, conns, cancel) = (stop_rx.clone(), conns.clone(), cancel.clone());
-            serving.push(tokio::spawn(l.serve(rx, conns, cancel)));
+            let idle_close = idle_close.clone();
+            serving.push(tokio::spawn(l.serve(rx, conns, cancel, idle_close)));
         }
         for (listener, binding) in self.l4 {
             tracing::info!(addr = ?listener.local_addr().ok(), ?binding, "l4 serving");
@@ -669,6 +673,7 @@ impl BoundEdge {
             let window = self.config.proxy.grace_period.min(IDLE_DRAIN_WINDOW);
             let _ = tokio::time::timeout(window, conns.wait()).await;
         }
+        idle_close.cancel();
         for app in &self.apps {
             // Wakes keep-alive connections parked between requests.
             app.http_cleanup().await;

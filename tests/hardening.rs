@@ -620,6 +620,47 @@ async fn http11_without_host_is_a_400_and_http10_gets_no_chunked_body() {
     }
 }
 
+/// Reads one response, a 200 from the sim cell for `path`.
+async fn answered(s: &mut TcpStream, path: &str) {
+    let (head, body) = read_response(s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["path"].as_str(), Some(path));
+}
+
+/// Between two requests the edge waits for the next one's first byte
+/// itself (an idle connection holds no request in progress); a request
+/// that trickles in byte by byte after a quiet spell, one after a body and
+/// one after pipelined requests are all answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_requests_after_a_quiet_spell_in_pieces_and_after_bodies() {
+    let cells = SimCells::three().await;
+    let edge = TestEdge::start(&topology(&cells, |_| {})).await;
+    let mut s = TcpStream::connect(edge.http()).await.expect("connect");
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: app.test\r\n\r\n");
+    s.write_all(get("/a").as_bytes()).await.expect("write");
+    answered(&mut s, "/a").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for piece in get("/b").as_bytes().chunks(7) {
+        s.write_all(piece).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    answered(&mut s, "/b").await;
+    s.write_all(b"POST /c HTTP/1.1\r\nHost: app.test\r\nContent-Length: 3\r\n\r\nxyz")
+        .await
+        .expect("write");
+    answered(&mut s, "/c").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(format!("{}{}", get("/d"), get("/e")).as_bytes())
+        .await
+        .expect("write");
+    answered(&mut s, "/d").await;
+    answered(&mut s, "/e").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(get("/f").as_bytes()).await.expect("write");
+    answered(&mut s, "/f").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_are_answered_in_order() {
     let cells = SimCells::three().await;
