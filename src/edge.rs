@@ -11,7 +11,7 @@ use cellgate_admin::{Admin, FleetLink, Intent, Prepared, Resources};
 use cellgate_config::{Config, Problem, SecretSource};
 use cellgate_handoff::{SocketName, SocketSet};
 use cellgate_health::{Health, Inputs, NetworkProbe, Probe};
-use cellgate_proxy::{listen::HttpListener, tls::CertStore, Binding, HttpApp, L4Proxy};
+use cellgate_proxy::{listen::HttpListener, tls::CertStore, trace::Tracing, Binding, HttpApp, L4Proxy};
 use cellgate_routing::{OperatorState, StickyKey};
 use cellgate_snapshot::{Clock, Metrics, Snapshots};
 use pingora::{apps::HttpServerApp, listeners::tls::Acceptor};
@@ -120,6 +120,7 @@ pub struct BoundEdge {
     /// Duplicates of every listening socket, for the next upgrade.
     sockets: SocketSet,
     certs: Option<Arc<CertStore>>,
+    tracing: Arc<Tracing>,
     control: Option<Handle>,
     log_dropped: Option<Arc<dyn Fn() -> u64 + Send + Sync>>,
 }
@@ -172,6 +173,7 @@ pub fn sticky_key(config: &Config) -> anyhow::Result<Option<StickyKey>> {
 /// certificates. Problems carry the config's key paths.
 struct EdgeResources {
     certs: Option<Arc<CertStore>>,
+    tracing: Arc<Tracing>,
 }
 
 impl Resources for EdgeResources {
@@ -186,16 +188,25 @@ impl Resources for EdgeResources {
             .ok()
             .flatten();
         problems.extend(cellgate_proxy::tls::check_upstream_cas(config));
+        // A new collector, sampling or queue applies to requests that
+        // start after the reload; the old exporter sends what it holds.
+        let tracing = self
+            .tracing
+            .prepare(config.tracing.as_ref())
+            .map_err(|p| problems.push(p))
+            .unwrap_or_default();
         if !problems.is_empty() {
             return Err(problems);
         }
         let store = self.certs.clone();
+        let tracer = self.tracing.clone();
         Ok(Prepared {
             geo,
             commit: Box::new(move || {
                 if let (Some(store), Some(certs)) = (store, certs) {
                     store.replace(certs);
                 }
+                tracer.apply(tracing);
             }),
         })
     }
@@ -318,6 +329,16 @@ impl Edge {
             http.push(("http", l, None));
         }
         let metrics = Metrics::prometheus();
+        // The exporter's I/O runs on the control plane's runtime.
+        let tracing = {
+            let _guard = opts.control.as_ref().map(Handle::enter);
+            Tracing::start(config.tracing.as_ref(), &config.edge.name, &metrics).map_err(|p| {
+                cellgate_config::Error::Invalid {
+                    file: config.source.clone(),
+                    problems: vec![p],
+                }
+            })?
+        };
         let cert_store = certs.map(|c| CertStore::new(c, metrics.clone()));
         if let (Some(tls), Some(store)) = (&config.listeners.https, &cert_store) {
             let l = listen(
@@ -362,16 +383,30 @@ impl Edge {
         }
         let dns = match config.listeners.dns {
             Some(a) => {
-                let udp = inherited.udp_socket(&SocketName::DNS_UDP, a)?;
-                let tcp = inherited.tcp_listener(&SocketName::DNS_TCP, a)?;
-                let d = match (udp, tcp) {
-                    (Some(udp), Some(tcp)) => {
-                        tracing::info!(addr = %a, "dns: serving on the sockets inherited from the previous process");
-                        cellgate_dns::DnsListener::from_std(udp, tcp)?
+                let workers = config.dns.workers.max(1);
+                let mut udp = Vec::with_capacity(workers);
+                for n in 0..workers {
+                    match inherited.udp_socket(&SocketName::dns_udp(n), a)? {
+                        Some(s) => udp.push(s),
+                        None => break,
                     }
-                    _ => cellgate_dns::DnsListener::bind(a).await?,
+                }
+                let tcp = inherited.tcp_listener(&SocketName::DNS_TCP, a)?;
+                let d = match (udp.is_empty(), tcp) {
+                    (false, Some(tcp)) => {
+                        tracing::info!(
+                            addr = %a,
+                            inherited = udp.len(),
+                            workers,
+                            "dns: serving on the sockets inherited from the previous process"
+                        );
+                        cellgate_dns::DnsListener::from_std(udp, tcp, workers)?
+                    }
+                    _ => cellgate_dns::DnsListener::bind(a, workers).await?,
                 };
-                sockets.insert(SocketName::DNS_UDP, &d.udp)?;
+                for (n, s) in d.udp.iter().enumerate() {
+                    sockets.insert(SocketName::dns_udp(n), s)?;
+                }
                 sockets.insert(SocketName::DNS_TCP, &d.tcp)?;
                 addrs.dns = d.local_addr();
                 Some(d)
@@ -433,13 +468,20 @@ impl Edge {
             sticky: sticky.clone(),
             resources: Arc::new(EdgeResources {
                 certs: cert_store.clone(),
+                tracing: tracing.clone(),
             }),
             history: Arc::new(cellgate_admin::History::default()),
         });
         let mut listeners = Vec::new();
         let mut apps = Vec::new();
         for (name, listener, tls) in http {
-            let app = cellgate_proxy::http_app(&config, snapshots.clone(), sticky.clone(), tls.is_some());
+            let app = cellgate_proxy::http_app(
+                &config,
+                snapshots.clone(),
+                sticky.clone(),
+                tls.is_some(),
+                tracing.clone(),
+            );
             apps.push(app.clone());
             listeners.push(HttpListener::new(
                 name,
@@ -454,6 +496,7 @@ impl Edge {
         let l4_proxy = Arc::new(L4Proxy {
             snapshots: snapshots.clone(),
             settings: config.proxy.clone(),
+            tracing: tracing.clone(),
         });
         Ok(BoundEdge {
             addrs,
@@ -470,6 +513,7 @@ impl Edge {
             fleet,
             sockets,
             certs: cert_store,
+            tracing,
             control: opts.control,
             log_dropped: opts.log_dropped,
         })
@@ -518,6 +562,9 @@ impl BoundEdge {
         let (stop_tx, stop_rx) = watch::channel(false);
         let conns = TaskTracker::new();
         let cancel = CancellationToken::new();
+        // Closes keep-alive connections waiting for their next request
+        // (cellgate's HTTP/1 driver waits for it outside pingora).
+        let idle_close = CancellationToken::new();
         let spawn_control = |f: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>| match &self.control {
             Some(h) => h.spawn(f),
             None => tokio::spawn(f),
@@ -526,7 +573,8 @@ impl BoundEdge {
         for l in self.http {
             tracing::info!(listener = l.name(), addr = ?l.local_addr().ok(), "http serving");
             let (rx, conns, cancel) = (stop_rx.clone(), conns.clone(), cancel.clone());
-            serving.push(tokio::spawn(l.serve(rx, conns, cancel)));
+            let idle_close = idle_close.clone();
+            serving.push(tokio::spawn(l.serve(rx, conns, cancel, idle_close)));
         }
         for (listener, binding) in self.l4 {
             tracing::info!(addr = ?listener.local_addr().ok(), ?binding, "l4 serving");
@@ -625,6 +673,7 @@ impl BoundEdge {
             let window = self.config.proxy.grace_period.min(IDLE_DRAIN_WINDOW);
             let _ = tokio::time::timeout(window, conns.wait()).await;
         }
+        idle_close.cancel();
         for app in &self.apps {
             // Wakes keep-alive connections parked between requests.
             app.http_cleanup().await;
@@ -642,6 +691,16 @@ impl BoundEdge {
         let _ = tokio::time::timeout(Duration::from_secs(1), conns.wait()).await;
         if let Some(dns) = dns {
             dns.shutdown().await;
+        }
+        {
+            // The spans of the last requests go out (bounded by the
+            // export timeout).
+            let tracing = self.tracing.clone();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(10),
+                tokio::task::spawn_blocking(move || tracing.shutdown()),
+            )
+            .await;
         }
         if let Some(sync) = self.fleet {
             // Revokes the lease: this edge's report leaves the fleet view.

@@ -410,6 +410,37 @@ async fn drain_under_load_loses_nothing_and_steers_proxy_and_dns_away_at_once() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_answers_from_its_cache_until_a_drain_and_never_names_the_drained_cell() {
+    let cells = SimCells::three().await;
+    let edge = TestEdge::start(&topology(&cells)).await;
+    let dns = edge.dns();
+    let q = DnsQuery::new("app.example.test.", RecordType::A);
+    let eu: std::net::IpAddr = "127.0.1.1".parse().expect("ip");
+    let us: std::net::IpAddr = "127.0.2.1".parse().expect("ip");
+    for _ in 0..3 {
+        assert_eq!(DnsClient::addresses(&dns.ask(&q).await), vec![eu]);
+    }
+    let hits = r#"cellgate_dns_cache_total{result="hit"}"#;
+    assert_eq!(edge.metric(hits), 2.0, "one worker: the 2nd and 3rd from its cache");
+    assert_eq!(
+        edge.metric(r#"cellgate_dns_answers_total{cell="eu"}"#),
+        3.0,
+        "hits are counted too"
+    );
+
+    // The drain call returns once its table is published: the very next
+    // query must not name eu, cached or not.
+    edge.admin().drain("eu", &soft()).await.expect("drain");
+    for _ in 0..3 {
+        assert_eq!(DnsClient::addresses(&dns.ask(&q).await), vec![us]);
+    }
+    edge.admin().undrain("eu").await.expect("undrain");
+    assert_eq!(DnsClient::addresses(&dns.ask(&q).await), vec![eu]);
+    // Over TCP (never cached) the same answer.
+    assert_eq!(DnsClient::addresses(&dns.ask(&q.clone().tcp()).await), vec![eu]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_keeps_serving_on_errors_swaps_the_snapshot_and_state_survives_restarts() {
     let cells = SimCells::three().await;
     let t = topology(&cells);

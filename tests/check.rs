@@ -1,9 +1,54 @@
 //! `cellgate check` as operators run it: the real binary, real files.
 
-use std::process::Command;
+use std::{path::Path, process::Command};
 
 fn cellgate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cellgate"))
+}
+
+/// `cellgate check --config path`: exit code, stdout, stderr.
+fn check(path: &Path) -> (Option<i32>, String, String) {
+    let out = cellgate()
+        .args(["check", "--config"])
+        .arg(path)
+        .output()
+        .expect("run cellgate");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Writes `text` to `dir/name` and checks it.
+fn check_text(dir: &Path, name: &str, text: &str) -> (Option<i32>, String, String) {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write");
+    check(&path)
+}
+
+/// A config of one cell and one service, with `tables` (TOML) after
+/// `[edge]`.
+fn one_cell(tables: &str) -> String {
+    format!(
+        r#"
+[edge]
+name = "e"
+location = {{ lat = 50.0, lon = 8.0 }}
+{tables}
+[[cells]]
+id = "a"
+region = "a"
+location = {{ lat = 50.0, lon = 8.0 }}
+country = "DE"
+http = ["127.0.0.1:1"]
+[[services]]
+name = "s"
+hosts = ["s.test"]
+cells = ["a"]
+policy = "failover"
+"#
+    )
 }
 
 #[test]
@@ -36,15 +81,8 @@ policy = "latency""#,
             "load_limit = 0.8\nhttp = [\"127.0.0.1:18082\"]",
             "load_limit = 1.8\nhttp = [\"127.0.0.1:18082\"]",
         );
-    let path = dir.path().join("broken.toml");
-    std::fs::write(&path, broken).expect("write");
-    let out = cellgate()
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run cellgate");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let (code, _, stderr) = check_text(dir.path(), "broken.toml", &broken);
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("services[1].cells[2]: cell `mars-1` in service `api` is not defined"),
         "{stderr}"
@@ -53,7 +91,10 @@ policy = "latency""#,
         stderr.contains("cells[1].load_limit: load limit 1.8 is out of range"),
         "{stderr}"
     );
-    assert!(stderr.contains(&path.display().to_string()), "{stderr}");
+    assert!(
+        stderr.contains(&dir.path().join("broken.toml").display().to_string()),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -65,15 +106,8 @@ fn an_in_zone_name_server_without_addresses_is_rejected() {
         r#"ns = ["ns1.demo.test"]"#,
     );
     assert_ne!(plain, demo, "the demo's name server has addresses");
-    let path = dir.path().join("plain-ns.toml");
-    std::fs::write(&path, plain).expect("write");
-    let out = cellgate()
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run cellgate");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let (code, _, stderr) = check_text(dir.path(), "plain-ns.toml", &plain);
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("dns.zones[0].ns[0]: name server `ns1.demo.test` is inside a zone served here"),
         "{stderr}"
@@ -98,33 +132,17 @@ fn files_the_config_names_are_checked_with_their_key_paths() {
     std::fs::write(dir.path().join("garbage.pem"), "not a certificate").expect("write");
     std::fs::write(dir.path().join("key.pem"), "not a key").expect("write");
     std::fs::write(dir.path().join("geo.mmdb"), "not a database").expect("write");
-    let config = r#"
-[edge]
-name = "e"
-location = { lat = 50.0, lon = 8.0 }
-[listeners]
+    let config = one_cell(
+        r#"[listeners]
 https = { listen = "127.0.0.1:0", cert = "garbage.pem", key = "key.pem" }
 [geo]
 mmdb = "geo.mmdb"
 [admin]
-state_file = "no/such/dir/state.json"
-[[cells]]
-id = "a"
-region = "a"
-location = { lat = 50.0, lon = 8.0 }
-country = "DE"
-http = ["127.0.0.1:1"]
-[[services]]
-name = "s"
-hosts = ["s.test"]
-cells = ["a"]
-policy = "failover"
-"#;
+state_file = "no/such/dir/state.json""#,
+    );
+    let (code, _, stderr) = check_text(dir.path(), "c.toml", &config);
+    assert_eq!(code, Some(1), "{stderr}");
     let path = dir.path().join("c.toml");
-    std::fs::write(&path, config).expect("write");
-    let out = cellgate().args(["check", "--config"]).arg(&path).output().expect("run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
     for key in ["listeners.https.cert", "geo.mmdb", "admin.state_file"] {
         assert!(stderr.contains(&format!(": {key}: ")), "{key} not reported:\n{stderr}");
     }
@@ -156,33 +174,10 @@ fn certificates_are_verified_and_their_expiry_shown() {
     write("old.crt", &old.self_signed(&old_key).expect("cert").pem());
     write("old.key", &old_key.serialize_pem());
     let check = |https: &str| {
-        let config = format!(
-            r#"
-[edge]
-name = "e"
-location = {{ lat = 50.0, lon = 8.0 }}
-[listeners]
-https = {https}
-[[cells]]
-id = "a"
-region = "a"
-location = {{ lat = 50.0, lon = 8.0 }}
-country = "DE"
-http = ["127.0.0.1:1"]
-[[services]]
-name = "s"
-hosts = ["s.test"]
-cells = ["a"]
-policy = "failover"
-"#
-        );
-        let path = dir.path().join("c.toml");
-        std::fs::write(&path, config).expect("write");
-        let out = cellgate().args(["check", "--config"]).arg(&path).output().expect("run");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
+        check_text(
+            dir.path(),
+            "c.toml",
+            &one_cell(&format!("[listeners]\nhttps = {https}")),
         )
     };
     let (code, _, err) = check(r#"{ listen = "127.0.0.1:0", cert = "a.crt", key = "b.key" }"#);

@@ -37,18 +37,6 @@ fn one_cell(addr: SocketAddr, f: impl FnOnce(&mut cellgate_testkit::raw::RawConf
         .with(f)
 }
 
-/// Waits (bounded) until `cond` holds of the edge's metrics.
-async fn metric_until(edge: &TestEdge, what: &str, cond: impl Fn(f64) -> bool) {
-    let wait = async {
-        while !cond(edge.metric(what)) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    if tokio::time::timeout(PATIENCE, wait).await.is_err() {
-        panic!("{what} = {} after {PATIENCE:?}", edge.metric(what));
-    }
-}
-
 fn unrouted_4xx(edge: &TestEdge) -> f64 {
     edge.metric(r#"cellgate_responses_total{service="-",cell="-",class="4xx"}"#)
 }
@@ -85,7 +73,8 @@ async fn silent_and_trickling_clients_are_cut_off() {
     drip.abort();
     assert!(answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "{answer}");
     assert!(!answer.to_ascii_lowercase().contains("server:"), "{answer}");
-    metric_until(&edge, r#"cellgate_client_timeouts_total{kind="header"}"#, |v| v >= 2.0).await;
+    edge.metric_until(r#"cellgate_client_timeouts_total{kind="header"}"#, |v| v >= 2.0)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,10 +94,8 @@ async fn an_idle_keepalive_connection_is_closed_after_serving_what_came_in_time(
         closes_within(&mut s, PATIENCE).await,
         "an idle keep-alive connection stayed open"
     );
-    metric_until(&edge, r#"cellgate_client_timeouts_total{kind="keepalive"}"#, |v| {
-        v == 1.0
-    })
-    .await;
+    edge.metric_until(r#"cellgate_client_timeouts_total{kind="keepalive"}"#, |v| v == 1.0)
+        .await;
 }
 
 /// A self-signed certificate for `names` as (cert PEM, key PEM, DER).
@@ -171,7 +158,8 @@ async fn an_idle_h2_connection_over_tls_is_closed() {
         .expect("an idle h2 connection stayed open")
         .expect("join")
         .expect("closed cleanly with GOAWAY");
-    metric_until(&edge, r#"cellgate_client_timeouts_total{kind="h2_idle"}"#, |v| v == 1.0).await;
+    edge.metric_until(r#"cellgate_client_timeouts_total{kind="h2_idle"}"#, |v| v == 1.0)
+        .await;
 }
 
 /// One HTTP/2 frame: (type, flags, payload).
@@ -213,7 +201,8 @@ async fn an_h2_client_that_does_not_answer_pings_is_closed() {
         .await
         .expect("a client that ignores PINGs stayed connected");
     assert!(pinged, "no PING was sent");
-    metric_until(&edge, r#"cellgate_client_timeouts_total{kind="h2_ping"}"#, |v| v == 1.0).await;
+    edge.metric_until(r#"cellgate_client_timeouts_total{kind="h2_ping"}"#, |v| v == 1.0)
+        .await;
     assert_eq!(edge.metric(r#"cellgate_client_timeouts_total{kind="h2_idle"}"#), 0.0);
 }
 
@@ -223,7 +212,8 @@ async fn client_connections_over_the_cap_are_closed_and_counted() {
     let edge = TestEdge::start(&topology(&cells, |r| r.proxy.max_client_connections = Some(2))).await;
     let mut a = TcpStream::connect(edge.http()).await.expect("connect");
     let _b = TcpStream::connect(edge.http()).await.expect("connect");
-    metric_until(&edge, r#"cellgate_connections_open{listener="http"}"#, |v| v == 2.0).await;
+    edge.metric_until(r#"cellgate_connections_open{listener="http"}"#, |v| v == 2.0)
+        .await;
     let mut c = TcpStream::connect(edge.http()).await.expect("connect");
     assert!(
         closes_within(&mut c, PATIENCE).await,
@@ -388,6 +378,18 @@ async fn a_reload_rotates_certificates_or_keeps_the_old_ones_with_422() {
 // ---------------------------------------------------------------------
 // 3. Upgraded connections have their own idle timeout.
 
+/// The next text message on a WebSocket.
+async fn echo<S>(ws: &mut S) -> String
+where
+    S: futures_util::Stream<
+            Item = Result<tokio_tungstenite::tungstenite::Message, tokio_tungstenite::tungstenite::Error>,
+        > + Unpin,
+{
+    use futures_util::StreamExt;
+    let m = ws.next().await.expect("echo").expect("message");
+    m.into_text().expect("text").as_str().to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_outlives_the_read_timeout_and_closes_when_idle() {
     use futures_util::{SinkExt, StreamExt};
@@ -404,29 +406,11 @@ async fn a_websocket_outlives_the_read_timeout_and_closes_when_idle() {
     req.headers_mut().insert("host", "app.test".parse().expect("host"));
     let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("websocket");
     ws.send(Message::text("a")).await.expect("send");
-    assert_eq!(
-        ws.next()
-            .await
-            .expect("echo")
-            .expect("message")
-            .into_text()
-            .expect("text")
-            .as_str(),
-        "eu: a"
-    );
+    assert_eq!(echo(&mut ws).await, "eu: a");
     // Quiet for longer than the read timeout (which used to kill it).
     tokio::time::sleep(Duration::from_millis(700)).await;
     ws.send(Message::text("b")).await.expect("send after a quiet spell");
-    assert_eq!(
-        ws.next()
-            .await
-            .expect("echo")
-            .expect("message")
-            .into_text()
-            .expect("text")
-            .as_str(),
-        "eu: b"
-    );
+    assert_eq!(echo(&mut ws).await, "eu: b");
     // Quiet past the WebSocket idle timeout: closed.
     let closed = async {
         while let Some(Ok(m)) = ws.next().await {
@@ -552,11 +536,9 @@ async fn the_proxys_own_answers_are_counted_and_name_the_cell() {
         .await
         .expect("get");
     assert_eq!(nohost.status(), 404);
-    metric_until(
-        &edge,
-        r#"cellgate_responses_total{service="-",cell="-",class="4xx"}"#,
-        |v| v >= before + 3.0,
-    )
+    edge.metric_until(r#"cellgate_responses_total{service="-",cell="-",class="4xx"}"#, |v| {
+        v >= before + 3.0
+    })
     .await;
     assert_eq!(edge.metric(r#"cellgate_client_errors_total{kind="bad_request"}"#), 1.0);
     assert_eq!(
@@ -636,6 +618,47 @@ async fn http11_without_host_is_a_400_and_http10_gets_no_chunked_body() {
         assert!(head.contains("connection: close"), "{r10}");
         assert_eq!(body, "stream eu end\n", "the body, unframed");
     }
+}
+
+/// Reads one response, a 200 from the sim cell for `path`.
+async fn answered(s: &mut TcpStream, path: &str) {
+    let (head, body) = read_response(s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["path"].as_str(), Some(path));
+}
+
+/// Between two requests the edge waits for the next one's first byte
+/// itself (an idle connection holds no request in progress); a request
+/// that trickles in byte by byte after a quiet spell, one after a body and
+/// one after pipelined requests are all answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_requests_after_a_quiet_spell_in_pieces_and_after_bodies() {
+    let cells = SimCells::three().await;
+    let edge = TestEdge::start(&topology(&cells, |_| {})).await;
+    let mut s = TcpStream::connect(edge.http()).await.expect("connect");
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: app.test\r\n\r\n");
+    s.write_all(get("/a").as_bytes()).await.expect("write");
+    answered(&mut s, "/a").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for piece in get("/b").as_bytes().chunks(7) {
+        s.write_all(piece).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    answered(&mut s, "/b").await;
+    s.write_all(b"POST /c HTTP/1.1\r\nHost: app.test\r\nContent-Length: 3\r\n\r\nxyz")
+        .await
+        .expect("write");
+    answered(&mut s, "/c").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(format!("{}{}", get("/d"), get("/e")).as_bytes())
+        .await
+        .expect("write");
+    answered(&mut s, "/d").await;
+    answered(&mut s, "/e").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(get("/f").as_bytes()).await.expect("write");
+    answered(&mut s, "/f").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

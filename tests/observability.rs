@@ -650,7 +650,7 @@ async fn json_log_lines_are_one_object_each_and_access_lines_follow_the_schema()
         ] {
             assert!(!f[key].is_null(), "`{key}` missing: {a}");
         }
-        assert_eq!(f["trace_id"], "", "no tracing yet: present and empty");
+        assert_eq!(f["trace_id"], "", "tracing off: present and empty");
     }
     let routed = access
         .iter()

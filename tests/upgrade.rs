@@ -60,6 +60,9 @@ async fn an_upgrade_under_load_loses_nothing() {
                 service: "echo".into(),
             });
             r.proxy.grace_period = Some("3s".into());
+            // Two UDP workers: both sockets of the SO_REUSEPORT group are
+            // handed over.
+            r.dns.workers = Some(2);
         })
         .with_cell("eu", |c| c.dns = vec!["127.0.1.1".into()])
         .service("app", RawPolicy::Failover, &["eu", "us", "ap"], |s| {
@@ -148,6 +151,8 @@ async fn an_upgrade_under_load_loses_nothing() {
         .await
         .expect("the new process waits for the sockets");
     old.signal("QUIT");
+    new.expect_line(&["dns: serving on the sockets inherited", "\"inherited\":2"])
+        .await;
     new.expect_line(&[SERVING]).await;
     // The old process drains: the L4 connection still works during its
     // grace period.

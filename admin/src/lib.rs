@@ -306,37 +306,20 @@ impl Admin {
         };
         let old = self.config.load_full();
         let mut restart = Vec::new();
+        let r = &mut restart;
         let (o, n) = (&old.listeners, &new.listeners);
-        let mut differs = |what: &str, changed: bool, a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| {
-            if changed {
-                restart.push(format!("{what}: {a:?} -> {b:?} (takes effect after a restart)"));
-            }
-        };
-        differs("listeners.http", o.http != n.http, &o.http, &n.http);
+        restart_key(r, "listeners.http", &o.http, &n.http);
         let (oa, na) = (o.https.as_ref().map(|t| t.addr), n.https.as_ref().map(|t| t.addr));
-        differs("listeners.https.listen", oa != na, &oa, &na);
-        differs("listeners.dns", o.dns != n.dns, &o.dns, &n.dns);
-        differs("listeners.admin", o.admin != n.admin, &o.admin, &n.admin);
-        differs("listeners.tcp", o.tcp != n.tcp, &o.tcp, &n.tcp);
-        differs(
-            "listeners.tls_passthrough",
-            o.tls_passthrough != n.tls_passthrough,
-            &o.tls_passthrough,
-            &n.tls_passthrough,
-        );
-        differs("proxy", old.proxy != new.proxy, &old.proxy, &new.proxy);
-        differs(
-            "sticky_secret",
-            old.sticky_secret != new.sticky_secret,
-            &old.sticky_secret,
-            &new.sticky_secret,
-        );
-        differs(
-            "admin.state_file",
-            old.admin.state_file != new.admin.state_file,
-            &old.admin.state_file,
-            &new.admin.state_file,
-        );
+        restart_key(r, "listeners.https.listen", &oa, &na);
+        restart_key(r, "listeners.dns", &o.dns, &n.dns);
+        restart_key(r, "listeners.admin", &o.admin, &n.admin);
+        restart_key(r, "listeners.tcp", &o.tcp, &n.tcp);
+        restart_key(r, "listeners.tls_passthrough", &o.tls_passthrough, &n.tls_passthrough);
+        restart_key(r, "proxy", &old.proxy, &new.proxy);
+        restart_key(r, "dns.workers", &old.dns.workers, &new.dns.workers);
+        restart_key(r, "dns.answer_cache", &old.dns.answer_cache, &new.dns.answer_cache);
+        restart_key(r, "sticky_secret", &old.sticky_secret, &new.sticky_secret);
+        restart_key(r, "admin.state_file", &old.admin.state_file, &new.admin.state_file);
         let mut warnings = Vec::new();
         match resolve_tokens(&new) {
             Ok(t) => self.tokens.store(Arc::new(t)),
@@ -378,5 +361,13 @@ pub async fn serve(
     };
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
         tracing::error!(error = %e, "admin server stopped");
+    }
+}
+
+/// A config value a reload cannot change (it takes a restart): noted in
+/// `restart` with both values when the new config changes it.
+fn restart_key<T: PartialEq + std::fmt::Debug>(restart: &mut Vec<String>, what: &str, old: &T, new: &T) {
+    if old != new {
+        restart.push(format!("{what}: {old:?} -> {new:?} (takes effect after a restart)"));
     }
 }

@@ -102,6 +102,7 @@ impl Validator {
         let dns = self.dns(&raw.dns, &services, listeners.dns.is_some());
         let admin = self.admin(&raw.admin);
         let fleet = raw.fleet.as_ref().map(|f| self.fleet(f, &edge, &admin));
+        let tracing = raw.tracing.as_ref().and_then(|t| self.tracing(t));
         let sticky_secret = raw.sticky_secret.as_ref().and_then(|s| self.secret("sticky_secret", s));
         if sticky_secret.is_none() {
             if let Some((i, _)) = services.iter().enumerate().find(|(_, s)| s.sticky.is_some()) {
@@ -126,7 +127,90 @@ impl Validator {
             dns,
             admin,
             fleet,
+            tracing,
         }
+    }
+
+    /// `[tracing]`: every key is checked; `None` without `otlp_endpoint`.
+    fn tracing(&mut self, raw: &RawTracing) -> Option<Tracing> {
+        let mut d = Tracing::new(OtlpEndpoint::parse("http://127.0.0.1:4317")?);
+        if let Some(p) = raw.protocol {
+            d.protocol = match p {
+                RawOtlpProtocol::Grpc => OtlpProtocol::Grpc,
+                RawOtlpProtocol::Http => OtlpProtocol::Http,
+            };
+        }
+        if let Some(s) = raw.sampling {
+            if (0.0..=1.0).contains(&s) {
+                d.sampling = s;
+            } else {
+                self.problem(
+                    "tracing.sampling",
+                    format!("{s} is out of range: expected a share of new traces from 0 to 1"),
+                );
+            }
+        }
+        if let Some(n) = &raw.service_name {
+            if n.trim().is_empty() || n.chars().any(char::is_control) {
+                self.problem(
+                    "tracing.service_name",
+                    "expected a non-empty name without control characters",
+                );
+            } else {
+                d.service_name = n.clone();
+            }
+        }
+        if let Some(q) = raw.queue_size {
+            if (1..=1_000_000).contains(&q) {
+                d.queue_size = q as usize;
+            } else {
+                self.problem(
+                    "tracing.queue_size",
+                    format!("{q} is out of range: expected 1 to 1000000 (spans)"),
+                );
+            }
+        }
+        d.export_interval = self.duration(
+            "tracing.export_interval",
+            raw.export_interval.as_ref(),
+            d.export_interval,
+        );
+        if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&d.export_interval) {
+            self.problem(
+                "tracing.export_interval",
+                format!(
+                    "{} is out of range: expected 10ms to 1m",
+                    humantime::format_duration(d.export_interval)
+                ),
+            );
+        }
+        d.export_timeout = self.duration("tracing.export_timeout", raw.export_timeout.as_ref(), d.export_timeout);
+        if d.export_timeout.is_zero() {
+            self.problem("tracing.export_timeout", "must be greater than zero");
+        }
+        let url = raw.otlp_endpoint.as_deref()?;
+        match OtlpEndpoint::parse(url) {
+            Some(e) => d.otlp_endpoint = e,
+            None if url.starts_with("https://") => {
+                self.problem(
+                    "tracing.otlp_endpoint",
+                    format!("`{url}`: TLS to the collector is not supported: expected `http://host:port` (a collector on this host or its network)"),
+                );
+                return None;
+            }
+            None => {
+                let port = match d.protocol {
+                    OtlpProtocol::Grpc => 4317,
+                    OtlpProtocol::Http => 4318,
+                };
+                self.problem(
+                    "tracing.otlp_endpoint",
+                    format!("invalid collector address `{url}`: expected a URL like \"http://127.0.0.1:{port}\" (scheme, host and port, no path)"),
+                );
+                return None;
+            }
+        }
+        Some(d)
     }
 
     fn fleet(&mut self, raw: &RawFleet, edge: &Edge, admin: &Admin) -> Fleet {
@@ -336,6 +420,25 @@ impl Validator {
                 format!("{max_udp_payload} is out of range: expected 512 to 4096"),
             );
         }
+        let workers = match raw.workers {
+            None => d.workers,
+            Some(n @ 1..=64) => n as usize,
+            Some(n) => {
+                self.problem("dns.workers", format!("{n} is out of range: expected 1 to 64"));
+                d.workers
+            }
+        };
+        let answer_cache = match raw.answer_cache {
+            None => d.answer_cache,
+            Some(n @ 0..=1_048_576) => n as usize,
+            Some(n) => {
+                self.problem(
+                    "dns.answer_cache",
+                    format!("{n} is out of range: expected 0 (off) to 1048576 entries"),
+                );
+                d.answer_cache
+            }
+        };
         let mut zones: Vec<Zone> = Vec::new();
         for (i, z) in raw.zones.iter().enumerate() {
             if let Some(zone) = self.zone(&format!("dns.zones[{i}]"), z) {
@@ -366,6 +469,8 @@ impl Validator {
         let rrl = raw.rrl.as_ref().map(|r| self.rrl(r));
         Dns {
             max_udp_payload: max_udp_payload.clamp(512, 4096),
+            workers,
+            answer_cache,
             zones,
             rrl,
         }
@@ -508,19 +613,7 @@ impl Validator {
                 format!("{ipv6_prefix} is out of range: expected 0 to 128"),
             );
         }
-        let mut exempt = Vec::new();
-        for (i, c) in raw.exempt.iter().enumerate() {
-            match c.parse::<ipnet::IpNet>() {
-                Ok(n) => exempt.push(n.trunc()),
-                Err(_) => match c.parse::<IpAddr>() {
-                    Ok(ip) => exempt.push(ipnet::IpNet::from(ip)),
-                    Err(_) => self.problem(
-                        format!("dns.rrl.exempt[{i}]"),
-                        format!("invalid CIDR `{c}`: expected a network like \"192.0.2.0/24\" or an address"),
-                    ),
-                },
-            }
-        }
+        let exempt = self.networks("dns.rrl.exempt", &raw.exempt);
         let table_size = raw.table_size.map_or(d.table_size, |n| n as usize);
         if !(1024..=1 << 24).contains(&table_size) {
             self.problem(
@@ -636,19 +729,7 @@ impl Validator {
         if !(1..=256).contains(&threads) {
             self.problem("proxy.threads", format!("{threads} is out of range: expected 1 to 256"));
         }
-        let mut trusted_proxies = Vec::new();
-        for (i, c) in raw.trusted_proxies.iter().enumerate() {
-            match c.parse::<ipnet::IpNet>() {
-                Ok(n) => trusted_proxies.push(n.trunc()),
-                Err(_) => match c.parse::<std::net::IpAddr>() {
-                    Ok(ip) => trusted_proxies.push(ipnet::IpNet::from(ip)),
-                    Err(_) => self.problem(
-                        format!("proxy.trusted_proxies[{i}]"),
-                        format!("invalid CIDR `{c}`: expected a network like \"127.0.0.0/8\" or an address"),
-                    ),
-                },
-            }
-        }
+        let trusted_proxies = self.networks("proxy.trusted_proxies", &raw.trusted_proxies);
         let max_retries = raw.max_retries.unwrap_or(d.max_retries);
         if max_retries > 7 {
             self.problem(
@@ -827,6 +908,25 @@ impl Validator {
                 None
             }
         }
+    }
+
+    /// A list of networks (`192.0.2.0/24`) or single addresses (a /32 or
+    /// /128), host bits cleared; each bad entry is a problem at `key[i]`.
+    fn networks(&mut self, key: &str, list: &[String]) -> Vec<ipnet::IpNet> {
+        let mut nets = Vec::with_capacity(list.len());
+        for (i, c) in list.iter().enumerate() {
+            match c.parse::<ipnet::IpNet>() {
+                Ok(n) => nets.push(n.trunc()),
+                Err(_) => match c.parse::<IpAddr>() {
+                    Ok(ip) => nets.push(ipnet::IpNet::from(ip)),
+                    Err(_) => self.problem(
+                        format!("{key}[{i}]"),
+                        format!("invalid CIDR `{c}`: expected a network like \"192.0.2.0/24\" or an address"),
+                    ),
+                },
+            }
+        }
+        nets
     }
 
     fn duration(&mut self, key: &str, s: Option<&String>, default: Duration) -> Duration {

@@ -136,6 +136,8 @@ pub struct Config {
     /// Membership of a fleet sharing operator state through etcd; `None`:
     /// this edge stands alone (the local state file).
     pub fleet: Option<Fleet>,
+    /// Spans to an OTLP collector; `None`: off (no exporter, no spans).
+    pub tracing: Option<Tracing>,
 }
 
 impl Config {
@@ -578,6 +580,97 @@ impl Default for ProxySettings {
     }
 }
 
+/// `[tracing]`: W3C Trace Context and spans exported over OTLP.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tracing {
+    /// The collector, `http://host:port` (TLS to the collector is not
+    /// supported: run one on the edge's host or network).
+    pub otlp_endpoint: OtlpEndpoint,
+    pub protocol: OtlpProtocol,
+    /// Share of new traces recorded, 0 to 1; a trusted client's sampled
+    /// flag decides for the traces it continues (parent-based).
+    pub sampling: f64,
+    /// The `service.name` resource attribute (the edge's name goes in
+    /// `service.instance.id`).
+    pub service_name: String,
+    /// Finished spans waiting for export; more are dropped, never waited
+    /// for.
+    pub queue_size: usize,
+    /// Finished spans are sent at least this often (and whenever 512 are
+    /// waiting).
+    pub export_interval: Duration,
+    /// Longest one export to the collector may take.
+    pub export_timeout: Duration,
+}
+
+impl Tracing {
+    pub const DEFAULT_SERVICE_NAME: &'static str = "cellgate";
+
+    /// Defaults for everything but the endpoint.
+    pub fn new(otlp_endpoint: OtlpEndpoint) -> Self {
+        Self {
+            otlp_endpoint,
+            protocol: OtlpProtocol::Grpc,
+            sampling: 1.0,
+            service_name: Self::DEFAULT_SERVICE_NAME.into(),
+            queue_size: 8192,
+            export_interval: Duration::from_secs(5),
+            export_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// OTLP over gRPC (port 4317 by convention) or HTTP with protobuf bodies
+/// (4318, path `/v1/traces`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    Grpc,
+    Http,
+}
+
+/// A collector's address as a URL: `http://`, a host (name, IPv4 or
+/// bracketed IPv6) and a port, no path (HTTP: `/v1/traces` is added).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OtlpEndpoint {
+    url: String,
+}
+
+impl OtlpEndpoint {
+    /// Parses `http://host:port` (a trailing `/` allowed); `None`
+    /// otherwise.
+    pub fn parse(s: &str) -> Option<Self> {
+        let rest = s.strip_prefix("http://")?;
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        let (host, port) = authority.rsplit_once(':')?;
+        let port_ok =
+            !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok_and(|p| p > 0);
+        let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            Some(v6) => v6.parse::<Ipv6Addr>().is_ok(),
+            None => {
+                !host.is_empty()
+                    && host.len() <= 253
+                    && host
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            }
+        };
+        (port_ok && host_ok).then(|| Self {
+            url: format!("http://{authority}"),
+        })
+    }
+
+    /// `http://host:port`, without a trailing `/`.
+    pub fn as_str(&self) -> &str {
+        &self.url
+    }
+}
+
+impl fmt::Display for OtlpEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
 /// The authoritative DNS server.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Dns {
@@ -585,6 +678,12 @@ pub struct Dns {
     /// suggests 1232 to avoid fragmentation). Also the payload size the
     /// server advertises in its own OPT record.
     pub max_udp_payload: u16,
+    /// UDP worker threads, each with its own `SO_REUSEPORT` socket and
+    /// answer cache (1–64; default 1). Takes effect at a restart.
+    pub workers: usize,
+    /// Encoded responses kept per UDP worker (0: no cache; at most
+    /// 1 048 576; default 4096). Takes effect at a restart.
+    pub answer_cache: usize,
     pub zones: Vec<Zone>,
     /// Response rate limiting; `None`: off.
     pub rrl: Option<Rrl>,
@@ -594,6 +693,8 @@ impl Default for Dns {
     fn default() -> Self {
         Self {
             max_udp_payload: 1232,
+            workers: 1,
+            answer_cache: 4096,
             zones: Vec::new(),
             rrl: None,
         }

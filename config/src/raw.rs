@@ -38,6 +38,30 @@ pub struct RawConfig {
     #[serde(default)]
     pub admin: RawAdmin,
     pub fleet: Option<RawFleet>,
+    /// `[tracing]`: spans to an OTLP collector. Absent (or no
+    /// `otlp_endpoint`): off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<RawTracing>,
+}
+
+#[derive(Serialize, Deserialize, Default, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawTracing {
+    pub otlp_endpoint: Option<String>,
+    pub protocol: Option<RawOtlpProtocol>,
+    pub sampling: Option<f64>,
+    pub service_name: Option<String>,
+    pub queue_size: Option<u32>,
+    pub export_interval: Option<String>,
+    pub export_timeout: Option<String>,
+}
+
+/// How spans travel to the collector.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RawOtlpProtocol {
+    Grpc,
+    Http,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
@@ -105,6 +129,8 @@ pub struct RawAdminToken {
 #[serde(deny_unknown_fields)]
 pub struct RawDns {
     pub max_udp_payload: Option<u16>,
+    pub workers: Option<i64>,
+    pub answer_cache: Option<i64>,
     #[serde(default)]
     pub zones: Vec<RawZone>,
     pub rrl: Option<RawRrl>,

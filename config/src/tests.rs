@@ -665,9 +665,139 @@ fn rate_limiting_defaults_and_ranges() {
     ] {
         assert_error(&format!("{BASE}{DNS}\n[dns.rrl]\n{line}\n"), key, needle);
     }
+    assert_error(
+        &format!("{BASE}\n[proxy]\ntrusted_proxies = [\"127.0.0.1\", \"fe80::/129\"]\n"),
+        "proxy.trusted_proxies[1]",
+        "invalid CIDR `fe80::/129`",
+    );
     let errs = errors(&format!("{BASE}{DNS}\n[dns.rrl]\nrate = 5\n"));
     assert!(
         errs[0].contains("dns.rrl") && errs[0].contains("unknown field `rate`"),
         "{errs:?}"
     );
+}
+
+#[test]
+fn tracing_is_off_without_an_endpoint() {
+    assert!(parse_str(BASE).expect("valid").tracing.is_none());
+    let c = parse_str(&format!("{BASE}\n[tracing]\nsampling = 0.5\n")).expect("valid");
+    assert!(c.tracing.is_none(), "no otlp_endpoint: off");
+    // Keys are checked even while it is off.
+    assert_error(
+        &format!("{BASE}\n[tracing]\nsampling = 2.0\n"),
+        "tracing.sampling",
+        "0 to 1",
+    );
+}
+
+#[test]
+fn tracing_defaults_and_settings() {
+    let c = parse_str(&format!(
+        "{BASE}\n[tracing]\notlp_endpoint = \"http://127.0.0.1:4317\"\n"
+    ))
+    .expect("valid");
+    let t = c.tracing.expect("on");
+    assert_eq!(t.otlp_endpoint.as_str(), "http://127.0.0.1:4317");
+    assert_eq!(
+        (t.protocol, t.sampling, t.service_name.as_str(), t.queue_size),
+        (OtlpProtocol::Grpc, 1.0, "cellgate", 8192)
+    );
+    assert_eq!(t.export_timeout, std::time::Duration::from_secs(5));
+    let c = parse_str(&format!(
+        "{BASE}\n[tracing]\notlp_endpoint = \"http://[::1]:4318/\"\nprotocol = \"http\"\nsampling = 0.01\nservice_name = \"edge-proxy\"\nqueue_size = 100\nexport_interval = \"100ms\"\nexport_timeout = \"2s\"\n"
+    ))
+    .expect("valid");
+    let t = c.tracing.expect("on");
+    assert_eq!(t.otlp_endpoint.as_str(), "http://[::1]:4318", "no trailing slash");
+    assert_eq!(
+        (t.protocol, t.sampling, t.service_name.as_str(), t.queue_size),
+        (OtlpProtocol::Http, 0.01, "edge-proxy", 100)
+    );
+    assert_eq!(t.export_interval, std::time::Duration::from_millis(100));
+    let c = parse_str(&format!(
+        "{BASE}\n[tracing]\notlp_endpoint = \"http://otel-collector.internal:4317\"\n"
+    ))
+    .expect("valid");
+    assert!(c.tracing.is_some(), "a host name");
+}
+
+#[test]
+fn tracing_mistakes_are_reported_with_their_key() {
+    let on = "otlp_endpoint = \"http://127.0.0.1:4317\"";
+    for (line, key, needle) in [
+        (
+            "otlp_endpoint = \"127.0.0.1:4317\"",
+            "tracing.otlp_endpoint",
+            "expected a URL like",
+        ),
+        (
+            "otlp_endpoint = \"http://127.0.0.1\"",
+            "tracing.otlp_endpoint",
+            "expected a URL like",
+        ),
+        (
+            "otlp_endpoint = \"http://127.0.0.1:4317/v1/traces\"",
+            "tracing.otlp_endpoint",
+            "no path",
+        ),
+        (
+            "otlp_endpoint = \"http://127.0.0.1:0\"",
+            "tracing.otlp_endpoint",
+            "expected a URL like",
+        ),
+        (
+            "otlp_endpoint = \"http://[::1:4317\"",
+            "tracing.otlp_endpoint",
+            "expected a URL like",
+        ),
+        (
+            "otlp_endpoint = \"https://collector:4317\"",
+            "tracing.otlp_endpoint",
+            "TLS to the collector is not supported",
+        ),
+        (&format!("{on}\nsampling = -0.1"), "tracing.sampling", "out of range"),
+        (
+            &format!("{on}\nservice_name = \" \""),
+            "tracing.service_name",
+            "non-empty",
+        ),
+        (&format!("{on}\nqueue_size = 0"), "tracing.queue_size", "expected 1 to"),
+        (
+            &format!("{on}\nexport_timeout = \"0s\""),
+            "tracing.export_timeout",
+            "greater than zero",
+        ),
+        (
+            &format!("{on}\nexport_timeout = \"soon\""),
+            "tracing.export_timeout",
+            "invalid duration",
+        ),
+    ] {
+        assert_error(&format!("{BASE}\n[tracing]\n{line}\n"), key, needle);
+    }
+    let errs = errors(&format!("{BASE}\n[tracing]\n{on}\nprotocol = \"thrift\"\n"));
+    assert!(errs[0].contains("tracing.protocol"), "{errs:?}");
+    let errs = errors(&format!("{BASE}\n[tracing]\n{on}\nendpoint = \"x\"\n"));
+    assert!(errs[0].contains("unknown field `endpoint`"), "{errs:?}");
+}
+
+#[test]
+fn dns_workers_and_answer_cache_defaults_and_ranges() {
+    let c = parse_str(&format!("{BASE}{DNS}")).expect("valid");
+    assert_eq!((c.dns.workers, c.dns.answer_cache), (1, 4096));
+    // `[dns]` may come after the zones, as the bench's derived configs put it.
+    let c = parse_str(&format!("{BASE}{DNS}\n[dns]\nworkers = 4\nanswer_cache = 0\n")).expect("valid");
+    assert_eq!((c.dns.workers, c.dns.answer_cache), (4, 0));
+    for (line, key, needle) in [
+        ("workers = 0", "dns.workers", "expected 1 to 64"),
+        ("workers = 65", "dns.workers", "expected 1 to 64"),
+        ("answer_cache = -1", "dns.answer_cache", "expected 0 (off) to 1048576"),
+        (
+            "answer_cache = 2000000",
+            "dns.answer_cache",
+            "expected 0 (off) to 1048576",
+        ),
+    ] {
+        assert_error(&format!("{BASE}{DNS}\n[dns]\n{line}\n"), key, needle);
+    }
 }

@@ -23,6 +23,12 @@
 //! Every response to a query with an OPT record carries one: the server's
 //! own payload size, the query's DO bit, and the query's Client Subnet
 //! option (with its scope) unless the response is FORMERR or BADVERS.
+//!
+//! A UDP worker answers through its [`AnswerCache`] ([`Batch::respond`]):
+//! a hit is copied and patched, and what answering counts (queries, answers
+//! per cell, traffic, fail-open) and RRL happen for it as for a computed
+//! answer ([`Accounting`] is kept with the entry); a miss is answered as
+//! above and kept. TCP and [`CellDns::respond`] never use a cache.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -39,6 +45,7 @@ use cellgate_snapshot::{
 };
 
 use crate::{
+    cache::{Accounting, AnswerCache, Computed, Key, RrlClass, Steered, Validity},
     ecs::{self, ClientSubnet},
     rrl::{self, Rrl, Verdict},
     wire::{self, rcode, rtype, LowerName, OptOut, Owner, Query, Question, Read, Response, Section, Trailer},
@@ -83,6 +90,36 @@ pub struct Ctx<'a> {
     pub rrl: Option<(&'a Rrl, &'a cellgate_config::Rrl, Instant)>,
 }
 
+/// What a batch of queries is answered from: the snapshot, the zones and
+/// the clocks, read once for all of them.
+#[derive(Debug)]
+pub struct Batch<'a> {
+    snapshot: Arc<Snapshot>,
+    zones: Arc<Zones>,
+    now: Timestamp,
+    rrl: Option<(&'a Rrl, Instant)>,
+    transport: Transport,
+}
+
+impl Batch<'_> {
+    /// Answers the message `msg` from `src` into `out`, from `cache` when
+    /// it has the answer (and into it when not); false when nothing is to
+    /// be sent.
+    pub fn respond(&self, cache: Option<&mut AnswerCache>, msg: &[u8], src: SocketAddr, out: &mut Vec<u8>) -> bool {
+        let ctx = Ctx {
+            snapshot: &self.snapshot,
+            table: &self.snapshot.table,
+            zones: &self.zones,
+            now: self.now,
+            rrl: match (self.rrl, self.snapshot.table.config.dns.rrl.as_ref()) {
+                (Some((limiter, mono)), Some(settings)) => Some((limiter, settings, mono)),
+                _ => None,
+            },
+        };
+        respond_with(&ctx, cache, msg, src, self.transport, out)
+    }
+}
+
 impl CellDns {
     pub fn new(snapshots: Arc<Snapshots>) -> Self {
         Self {
@@ -104,10 +141,9 @@ impl CellDns {
         z
     }
 
-    /// Answers the message `msg` from `src` into `out`; false when nothing
-    /// is to be sent.
-    pub fn respond(&self, msg: &[u8], src: SocketAddr, transport: Transport, out: &mut Vec<u8>) -> bool {
-        let snapshot = self.snapshots.load();
+    /// What queries arriving now over `transport` are answered from.
+    pub fn batch(&self, transport: Transport) -> Batch<'_> {
+        let snapshot = self.snapshots.load_full();
         let zones = self.zones(&snapshot);
         let clock = self.snapshots.clock();
         let rrl = match (transport, snapshot.table.config.dns.rrl.as_ref()) {
@@ -121,19 +157,23 @@ impl CellDns {
                         edge.dns_rrl_slipped.clone(),
                     )
                 }),
-                s,
                 self.started + clock.elapsed(),
             )),
             _ => None,
         };
-        let ctx = Ctx {
-            snapshot: &snapshot,
-            table: &snapshot.table,
-            zones: &zones,
+        Batch {
             now: clock.now(),
+            snapshot,
+            zones,
             rrl,
-        };
-        respond(&ctx, msg, src, transport, out)
+            transport,
+        }
+    }
+
+    /// Answers the message `msg` from `src` into `out`; false when nothing
+    /// is to be sent.
+    pub fn respond(&self, msg: &[u8], src: SocketAddr, transport: Transport, out: &mut Vec<u8>) -> bool {
+        self.batch(transport).respond(None, msg, src, out)
     }
 }
 
@@ -171,6 +211,8 @@ struct Plan<'z> {
     tsig: bool,
     /// The question name, lower case (for RRL).
     name: Option<LowerName>,
+    /// What `steer` chose, to count.
+    steered: Option<Steered>,
 }
 
 impl<'z> Plan<'z> {
@@ -185,6 +227,7 @@ impl<'z> Plan<'z> {
             ecs: None,
             tsig: false,
             name: None,
+            steered: None,
         }
     }
     fn error(mut self, rcode: u16) -> Self {
@@ -210,11 +253,96 @@ impl<'z> Plan<'z> {
 /// Answers one message; false when nothing is to be sent (`out` is then
 /// meaningless).
 pub fn respond(ctx: &Ctx<'_>, msg: &[u8], src: SocketAddr, transport: Transport, out: &mut Vec<u8>) -> bool {
+    respond_with(ctx, None, msg, src, transport, out)
+}
+
+/// The size limit of a response to `q`.
+fn size_limit(ctx: &Ctx<'_>, q: &Query<'_>, transport: Transport) -> usize {
+    let server_payload = ctx.table.config.dns.max_udp_payload;
+    // A client advertising less than 512 still gets 512 (RFC 6891 6.2.5).
+    match transport {
+        Transport::Tcp => usize::from(u16::MAX),
+        Transport::Udp => usize::from(q.opt.map_or(512, |o| o.payload.max(512).min(server_payload.max(512)))),
+    }
+}
+
+/// Counts one answered query: by type and rcode, and for a steered answer
+/// the answers per cell, the cells' traffic and fail-open.
+fn account(ctx: &Ctx<'_>, a: &Accounting) {
+    ctx.snapshot.edge.dns_query(a.qtype, a.rcode).increment(1);
+    if let Some(s) = &a.steered {
+        if s.fail_open {
+            if let Some(m) = ctx.snapshot.service_metrics(s.service) {
+                m.fail_open_dns.increment(1);
+            }
+        }
+        let now_secs = ctx.now.as_unix_secs();
+        for &c in s.cells() {
+            ctx.snapshot.traffic().dns_answer(c, now_secs);
+            if let Some(m) = ctx.snapshot.cell_metrics(c) {
+                m.dns_answers.increment(1);
+            }
+        }
+    }
+}
+
+/// [`respond`], through `cache` when given (UDP).
+pub(crate) fn respond_with(
+    ctx: &Ctx<'_>,
+    cache: Option<&mut AnswerCache>,
+    msg: &[u8],
+    src: SocketAddr,
+    transport: Transport,
+    out: &mut Vec<u8>,
+) -> bool {
     let (q, malformed) = match wire::read(msg) {
         Read::Ignore => return false,
         Read::Malformed(q) => (q, true),
         Read::Query(q) => (q, false),
     };
+    let limit = size_limit(ctx, &q, transport);
+    let edge = &ctx.snapshot.edge;
+    let mut cache = cache.filter(|c| !c.is_off());
+    let key = match &cache {
+        Some(c) if !malformed => Key::of(&q, src, limit).map(|k| {
+            let h = c.hash(&k);
+            (k, h)
+        }),
+        _ => None,
+    };
+    if let (Some(c), Some((key, hash))) = (cache.as_deref_mut(), &key) {
+        if let Some(hit) = c.get(key, *hash, ctx.snapshot) {
+            edge.dns_cache_hits.increment(1);
+            account(ctx, &hit.accounting);
+            let mut truncated = false;
+            if let Some((limiter, settings, mono)) = ctx.rrl {
+                let qtype = q.question.map_or(0, |x| x.qtype);
+                let name;
+                let class = match hit.rrl {
+                    RrlClass::Answer => {
+                        name = q.question.map(|x| x.lower_name());
+                        rrl::Class::Answer(name.as_ref().map_or("", |n| n.as_str()), qtype)
+                    }
+                    RrlClass::Negative(origin) => rrl::Class::Negative(origin),
+                    RrlClass::Error => rrl::Class::Error,
+                };
+                match limiter.check(settings, src.ip(), class, mono) {
+                    Verdict::Send => {}
+                    Verdict::Drop => return false,
+                    Verdict::Slip => truncated = true,
+                }
+            }
+            if truncated {
+                hit.write_slip(msg, &q, out);
+            } else {
+                hit.write(msg, &q, out);
+            }
+            return true;
+        }
+        edge.dns_cache_misses.increment(1);
+    } else if cache.is_some() {
+        edge.dns_cache_uncacheable.increment(1);
+    }
     let plan = plan(ctx, &q, malformed, src);
     let qtype = q.question.map_or(0, |x| x.qtype);
     let qtype_name = if q.question.is_some() {
@@ -222,15 +350,18 @@ pub fn respond(ctx: &Ctx<'_>, msg: &[u8], src: SocketAddr, transport: Transport,
     } else {
         "other"
     };
-    let qi = DNS_QTYPES
-        .iter()
-        .position(|t| *t == qtype_name)
-        .unwrap_or(DNS_QTYPES.len());
-    let ri = DNS_RCODES
-        .iter()
-        .position(|r| *r == rcode::name(plan.rcode))
-        .unwrap_or(DNS_RCODES.len());
-    ctx.snapshot.edge.dns_query(qi, ri).increment(1);
+    let accounting = Accounting {
+        qtype: DNS_QTYPES
+            .iter()
+            .position(|t| *t == qtype_name)
+            .unwrap_or(DNS_QTYPES.len()),
+        rcode: DNS_RCODES
+            .iter()
+            .position(|r| *r == rcode::name(plan.rcode))
+            .unwrap_or(DNS_RCODES.len()),
+        steered: plan.steered,
+    };
+    account(ctx, &accounting);
     let mut truncated = false;
     if let Some((limiter, settings, mono)) = ctx.rrl {
         match limiter.check(settings, src.ip(), plan.rrl_class(qtype), mono) {
@@ -239,13 +370,21 @@ pub fn respond(ctx: &Ctx<'_>, msg: &[u8], src: SocketAddr, transport: Transport,
             Verdict::Slip => truncated = true,
         }
     }
-    let server_payload = ctx.table.config.dns.max_udp_payload;
-    // A client advertising less than 512 still gets 512 (RFC 6891 6.2.5).
-    let limit = match transport {
-        Transport::Tcp => usize::from(u16::MAX),
-        Transport::Udp => usize::from(q.opt.map_or(512, |o| o.payload.max(512).min(server_payload.max(512)))),
-    };
-    write(ctx.table, &plan, &q, limit, truncated, ctx.now, out);
+    let opt_at = write(ctx.table, &plan, &q, limit, truncated, ctx.now, out);
+    if let (Some(c), Some((key, hash)), false) = (cache, &key, truncated) {
+        let validity = if plan.steered.is_some() || plan.rcode == rcode::SERVFAIL {
+            Validity::Table(ctx.table.generation)
+        } else {
+            Validity::Config(ctx.snapshot.layout.epoch)
+        };
+        let computed = Computed {
+            validity,
+            accounting,
+            rrl: plan.rrl_class(qtype),
+            opt_at,
+        };
+        c.insert(key, *hash, out, computed);
+    }
     true
 }
 
@@ -304,7 +443,10 @@ fn plan<'z>(ctx: &Ctx<'z>, q: &Query<'_>, malformed: bool, src: SocketAddr) -> P
     let address_query = matches!(qtype, rtype::A | rtype::AAAA | rtype::ANY);
     p.body = if let (true, Some(svc)) = (address_query, ctx.table.service_by_dns_name(name_str)) {
         match steer_answer(ctx, svc, qtype, src, &mut p.ecs) {
-            Some(body) => body,
+            Some((body, steered)) => {
+                p.steered = Some(steered);
+                body
+            }
             None => return p.error(rcode::SERVFAIL),
         }
     } else if let (true, Some(host)) = (address_query, zone.hosts.get(name_str)) {
@@ -364,7 +506,7 @@ fn steer_answer<'z>(
     qtype: u16,
     src: SocketAddr,
     ecs: &mut Option<ClientSubnet>,
-) -> Option<Body<'z>> {
+) -> Option<(Body<'z>, Steered)> {
     let table = ctx.table;
     let spec = table.service_spec(svc);
     // The client: the ECS network when given (source prefix 0 means "do
@@ -428,24 +570,23 @@ fn steer_answer<'z>(
         });
     let ttl = if degraded { spec.dns_degraded_ttl } else { spec.dns_ttl };
     let ttl = u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX);
-    if d.outcome == Outcome::FailOpen {
-        if let Some(m) = ctx.snapshot.service_metrics(svc) {
-            m.fail_open_dns.increment(1);
-        }
-    }
-    let now_secs = ctx.now.as_unix_secs();
-    for c in d.candidates() {
-        ctx.snapshot.traffic().dns_answer(c.cell, now_secs);
-        if let Some(m) = ctx.snapshot.cell_metrics(c.cell) {
-            m.dns_answers.increment(1);
-        }
+    let mut steered = Steered {
+        service: svc,
+        fail_open: d.outcome == Outcome::FailOpen,
+        cells: [cellgate_routing::CellIdx(0); Decision::CAP],
+        len: 0,
+    };
+    for (slot, c) in steered.cells.iter_mut().zip(d.candidates()) {
+        *slot = c.cell;
+        steered.len += 1;
     }
     let v4 = qtype == rtype::A || (qtype == rtype::ANY && count_addresses(table, &d, true) > 0);
-    Some(Body::Cells { decision: d, v4, ttl })
+    Some((Body::Cells { decision: d, v4, ttl }, steered))
 }
 
 /// Writes the response `p` to `q` into `out`, keeping within `limit`
-/// bytes; `truncated`: an empty TC reply (RRL's slip).
+/// bytes; `truncated`: an empty TC reply (RRL's slip). Returns where the
+/// OPT record starts when it is the last record.
 fn write(
     table: &RoutingTable,
     p: &Plan<'_>,
@@ -454,7 +595,7 @@ fn write(
     truncated: bool,
     now: Timestamp,
     out: &mut Vec<u8>,
-) {
+) -> Option<usize> {
     let payload = table.config.dns.max_udp_payload;
     let mut r = Response::new(out, &q.header, p.rcode, p.aa, p.echo_rd_cd);
     let question = q.question.filter(|_| p.question);
@@ -480,7 +621,11 @@ fn write(
     } else if let Some(question) = &question {
         write_body(table, &mut r, p.body, question);
     }
-    r.finish(&trailer);
+    let len = r.finish(&trailer);
+    match (trailer.opt, trailer.tsig) {
+        (Some(_), None) => Some(len - trailer.wire_len()),
+        _ => None,
+    }
 }
 
 fn write_body(table: &RoutingTable, r: &mut Response<'_>, body: Body<'_>, question: &Question<'_>) {

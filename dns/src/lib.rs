@@ -9,8 +9,10 @@
 //! and an ECS scope that tells resolvers how widely they may cache the
 //! answer (`ecs`). Responses that do not fit are truncated to a header, the
 //! question and the OPT record; UDP responses are rate limited when
-//! `[dns.rrl]` says so (`rrl`). [`DnsServer`] serves it on UDP (one receive
-//! loop per worker, `udp.rs`) and TCP (`tcp.rs`).
+//! `[dns.rrl]` says so (`rrl`). [`DnsServer`] serves it on UDP (`udp.rs`:
+//! `dns.workers` threads, each with its own `SO_REUSEPORT` socket, batched
+//! `recvmmsg`/`sendmmsg` and an [`AnswerCache`] of encoded responses,
+//! `cache.rs`) and TCP (`tcp.rs`, on the tokio runtime, uncached).
 //!
 //! The wire format is cellgate's own rather than hickory's: answering
 //! needs what hickory's parser drops (the Client Subnet option's exact
@@ -23,6 +25,7 @@
 
 #![forbid(unsafe_code)]
 
+mod cache;
 pub mod ecs;
 mod handler;
 pub mod rrl;
@@ -35,7 +38,8 @@ use std::{net::SocketAddr, sync::Arc};
 
 use cellgate_snapshot::Snapshots;
 
-pub use handler::{respond, CellDns, Ctx, Transport};
+pub use cache::AnswerCache;
+pub use handler::{respond, Batch, CellDns, Ctx, Transport};
 pub use zones::{Zone, Zones};
 
 #[derive(Debug, thiserror::Error)]
@@ -49,56 +53,88 @@ pub enum Error {
     },
 }
 
-/// The DNS sockets of one address, UDP and TCP on the same port.
+/// The DNS sockets of one address: a UDP socket per worker (all on one
+/// port with `SO_REUSEPORT`) and TCP on the same port.
 #[derive(Debug)]
 pub struct DnsListener {
-    pub udp: tokio::net::UdpSocket,
+    pub udp: Vec<socket2::Socket>,
     pub tcp: tokio::net::TcpListener,
 }
 
+/// A UDP socket on `addr`, shared with the other workers' (`SO_REUSEPORT`).
+fn udp_socket(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())?;
+    Ok(s)
+}
+
 impl DnsListener {
-    /// Binds `addr` for UDP and TCP. With port 0, UDP picks the port and
-    /// TCP must get the same number, which another socket may hold: a few
-    /// pairs are tried.
-    pub async fn bind(addr: SocketAddr) -> Result<Self, Error> {
+    /// Binds `addr` for UDP, `workers` sockets (at least one), and TCP.
+    /// With port 0, the first UDP socket picks the port, and TCP and the
+    /// other workers' sockets take the same number; another socket may
+    /// hold it for TCP, so a few ports are tried (which also keeps a port
+    /// another server's `SO_REUSEPORT` group holds from being shared: that
+    /// server has its TCP listener there).
+    pub async fn bind(addr: SocketAddr, workers: usize) -> Result<Self, Error> {
         let attempts = if addr.port() == 0 { 16 } else { 1 };
         let err = |proto, addr, source| Error::Bind { addr, proto, source };
         let mut tries = 0;
         loop {
             tries += 1;
-            let udp = tokio::net::UdpSocket::bind(addr)
-                .await
-                .map_err(|e| err("udp", addr, e))?;
-            let udp_addr = udp.local_addr().map_err(|e| err("udp", addr, e))?;
-            match tokio::net::TcpListener::bind(udp_addr).await {
-                Ok(tcp) => return Ok(Self { udp, tcp }),
+            let first = udp_socket(addr).map_err(|e| err("udp", addr, e))?;
+            let udp_addr = first
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .ok_or_else(|| err("udp", addr, std::io::Error::other("no local address")))?;
+            let tcp = match tokio::net::TcpListener::bind(udp_addr).await {
+                Ok(tcp) => tcp,
                 Err(_) if tries < attempts => continue,
                 Err(e) => return Err(err("tcp", udp_addr, e)),
+            };
+            let mut udp = vec![first];
+            for _ in 1..workers.max(1) {
+                udp.push(udp_socket(udp_addr).map_err(|e| err("udp", udp_addr, e))?);
             }
+            return Ok(Self { udp, tcp });
         }
     }
 
     /// Sockets bound elsewhere (inherited from the process this one
-    /// replaces), made non-blocking for tokio.
-    pub fn from_std(udp: std::net::UdpSocket, tcp: std::net::TcpListener) -> std::io::Result<Self> {
-        udp.set_nonblocking(true)?;
-        tcp.set_nonblocking(true)?;
-        Ok(Self {
-            udp: tokio::net::UdpSocket::from_std(udp)?,
-            tcp: tokio::net::TcpListener::from_std(tcp)?,
-        })
+    /// replaces): the UDP sockets of one `SO_REUSEPORT` group (at least
+    /// one) and TCP on the same address. When `workers` wants more UDP
+    /// sockets than were inherited, new ones join the group on the first
+    /// one's address (every socket [`DnsListener::bind`] makes lets them);
+    /// fewer workers than sockets is the caller's to avoid (it takes only
+    /// as many as it wants).
+    pub fn from_std(udp: Vec<std::net::UdpSocket>, tcp: std::net::TcpListener, workers: usize) -> Result<Self, Error> {
+        let err = |proto, addr, source| Error::Bind { addr, proto, source };
+        let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+        let tcp_addr = tcp.local_addr().unwrap_or(unknown);
+        tcp.set_nonblocking(true).map_err(|e| err("tcp", tcp_addr, e))?;
+        let tcp = tokio::net::TcpListener::from_std(tcp).map_err(|e| err("tcp", tcp_addr, e))?;
+        let mut udp: Vec<socket2::Socket> = udp.into_iter().map(socket2::Socket::from).collect();
+        let addr = udp
+            .first()
+            .and_then(|s| s.local_addr().ok()?.as_socket())
+            .ok_or_else(|| err("udp", tcp_addr, std::io::Error::other("no inherited UDP socket")))?;
+        while udp.len() < workers.max(1) {
+            udp.push(udp_socket(addr).map_err(|e| err("udp", addr, e))?);
+        }
+        Ok(Self { udp, tcp })
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.udp.local_addr().ok()
+        self.udp.first()?.local_addr().ok()?.as_socket()
     }
 }
 
 /// A running DNS server on one address, UDP and TCP.
 pub struct DnsServer {
     tcp_loop: Option<tokio::task::JoinHandle<()>>,
-    /// UDP: one receive loop per runtime worker.
-    udp_loops: Vec<tokio::task::JoinHandle<()>>,
+    udp: Option<udp::Workers>,
     stop: tokio::sync::watch::Sender<bool>,
     pub addr: SocketAddr,
 }
@@ -110,25 +146,31 @@ impl std::fmt::Debug for DnsServer {
 }
 
 impl DnsServer {
-    /// Serves answers from `snapshots` on `listener`. Must be called inside
-    /// a tokio runtime.
+    /// Serves answers from `snapshots` on `listener`: a thread per UDP
+    /// socket (each with an answer cache of `dns.answer_cache` entries),
+    /// TCP on the current tokio runtime (so this must be called inside
+    /// one).
     pub fn start(listener: DnsListener, snapshots: Arc<Snapshots>) -> Result<Self, Error> {
-        let addr = listener.udp.local_addr().map_err(|source| Error::Bind {
+        let unbound = |source| Error::Bind {
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             proto: "udp",
             source,
-        })?;
+        };
+        let addr = listener
+            .local_addr()
+            .ok_or_else(|| unbound(std::io::Error::other("no local address")))?;
+        let cache_entries = snapshots.load().table.config.dns.answer_cache;
         let handler = Arc::new(CellDns::new(snapshots));
-        let udp = Arc::new(listener.udp);
+        let udp = udp::Workers::start(listener.udp, handler.clone(), cache_entries).map_err(|source| Error::Bind {
+            addr,
+            proto: "udp",
+            source,
+        })?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let loops = tokio::runtime::Handle::current().metrics().num_workers().max(1);
-        let udp_loops = (0..loops)
-            .map(|_| tokio::spawn(udp::serve(udp.clone(), handler.clone(), stopped.clone())))
-            .collect();
         let tcp_loop = Some(tokio::spawn(tcp::serve(listener.tcp, handler, stopped)));
         Ok(Self {
             tcp_loop,
-            udp_loops,
+            udp: Some(udp),
             stop,
             addr,
         })
@@ -137,7 +179,10 @@ impl DnsServer {
     /// Stops serving.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
-        for l in self.udp_loops.drain(..).chain(self.tcp_loop.take()) {
+        if let Some(udp) = self.udp.take() {
+            let _ = tokio::task::spawn_blocking(move || udp.stop()).await;
+        }
+        if let Some(l) = self.tcp_loop.take() {
             let _ = l.await;
         }
     }

@@ -822,10 +822,12 @@ pub struct Soa {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn query(name: &[u8], qtype: u16, additional: &[u8], arcount: u16) -> Vec<u8> {
+    /// A query for `name` (wire form) and `qtype`, ID 0x1234, RD, with
+    /// `additional` records (`arcount` of them) after the question.
+    pub(crate) fn query(name: &[u8], qtype: u16, additional: &[u8], arcount: u16) -> Vec<u8> {
         let mut m = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, arcount as u8];
         m.extend_from_slice(name);
         m.extend_from_slice(&qtype.to_be_bytes());

@@ -192,25 +192,15 @@ async fn every_reply_to_a_query_with_client_subnet_carries_it() {
         ("ns1.example.test.", RecordType::A, ResponseCode::NoError),
         ("example.com.", RecordType::A, ResponseCode::Refused),
     ] {
-        let m = ask(&f, Proto::Udp, &Ask::new(name, qtype).ecs("203.0.113.0", 24)).await;
+        let m = ask_ecs(&f, name, qtype, "203.0.113.0", 24).await;
         assert_eq!(m.metadata.response_code, rcode, "{name} {qtype}");
         assert_eq!(scope(&m), Some((24, 0)), "{name} {qtype}: ECS with scope 0");
     }
     // Source prefix 0 ("do not use my address"): scope 0 even for geo.
-    let m = ask(
-        &f,
-        Proto::Udp,
-        &Ask::new("app.example.test.", RecordType::A).ecs("0.0.0.0", 0),
-    )
-    .await;
+    let m = ask_ecs(&f, "app.example.test.", RecordType::A, "0.0.0.0", 0).await;
     assert_eq!(scope(&m), Some((0, 0)));
     // IPv4-mapped IPv6: located as IPv4 (India), scoped in IPv6 terms.
-    let m = ask(
-        &f,
-        Proto::Udp,
-        &Ask::new("app.example.test.", RecordType::A).ecs("::ffff:203.0.113.0", 120),
-    )
-    .await;
+    let m = ask_ecs(&f, "app.example.test.", RecordType::A, "::ffff:203.0.113.0", 120).await;
     assert_eq!(addrs(&m), ["127.0.3.1"]);
     assert_eq!(
         scope(&m),
@@ -218,19 +208,9 @@ async fn every_reply_to_a_query_with_client_subnet_carries_it() {
         "never an IPv4 scope for an IPv6 option"
     );
     // Weighted: at least the /24 that seeds the choice, whatever was asked.
-    let m = ask(
-        &f,
-        Proto::Udp,
-        &Ask::new("spread.example.test.", RecordType::A).ecs("198.51.0.0", 16),
-    )
-    .await;
+    let m = ask_ecs(&f, "spread.example.test.", RecordType::A, "198.51.0.0", 16).await;
     assert_eq!(scope(&m), Some((16, 24)));
-    let m = ask(
-        &f,
-        Proto::Udp,
-        &Ask::new("spread.example.test.", RecordType::A).ecs("2001:db8::", 32),
-    )
-    .await;
+    let m = ask_ecs(&f, "spread.example.test.", RecordType::A, "2001:db8::", 32).await;
     assert_eq!(scope(&m), Some((32, 56)));
 }
 
@@ -394,12 +374,7 @@ async fn all_cells_down_fails_open_on_the_nearest_cell() {
         ("192.0.2.0", 24, "127.0.2.1"),
         ("198.51.100.0", 24, "127.0.1.1"),
     ] {
-        let m = ask(
-            &f,
-            Proto::Udp,
-            &Ask::new("app.example.test.", RecordType::A).ecs(net, prefix),
-        )
-        .await;
+        let m = ask_ecs(&f, "app.example.test.", RecordType::A, net, prefix).await;
         assert_eq!(addrs(&m), [want], "{net}/{prefix}");
         assert_eq!(m.answers[0].ttl, 5, "degraded TTL while failing open");
     }

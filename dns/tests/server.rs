@@ -138,22 +138,12 @@ async fn clients_get_their_nearest_healthy_cell_by_ecs_and_by_source_address_wit
         // around it that no entry reaches into (192.0.2.0/24 is in the /22).
         ("192.0.0.0", 16, "127.0.1.1", 23),
     ] {
-        let m = ask(
-            &f,
-            Proto::Udp,
-            &Ask::new("app.example.test.", RecordType::A).ecs(net, prefix),
-        )
-        .await;
+        let m = ask_ecs(&f, "app.example.test.", RecordType::A, net, prefix).await;
         assert_eq!(addrs(&m), [want], "{net}/{prefix}");
         assert_eq!(scope(&m), Some((prefix, want_scope)), "{net}/{prefix}");
     }
     // The answer of a failover service does not depend on the client: scope 0.
-    let m = ask(
-        &f,
-        Proto::Udp,
-        &Ask::new("lat.deep.example.test.", RecordType::A).ecs("203.0.113.0", 24),
-    )
-    .await;
+    let m = ask_ecs(&f, "lat.deep.example.test.", RecordType::A, "203.0.113.0", 24).await;
     assert_eq!(scope(&m), Some((24, 0)));
     // By source address (loopback aliases placed in India and the US).
     for (from, want) in [

@@ -25,6 +25,17 @@ fn drain(cell: &str) -> Change {
     }
 }
 
+/// Edge a's operator drains `cell`, which nobody has drained yet.
+async fn first_drain(a: &FleetStore, cell: &str) -> Result<cellgate_fleet::Applied, Error> {
+    a.apply(
+        &drain(cell),
+        Expect::Revision(0),
+        &actor("edge-a"),
+        cellgate_fleet::now(),
+    )
+    .await
+}
+
 fn actor(edge: &str) -> Actor {
     Actor {
         by: "alice".into(),
@@ -243,15 +254,7 @@ async fn etcd_down_keeps_the_last_state_refuses_writes_fast_and_converges_when_b
     let b = FleetSync::start(store(&etcd.url(), "edge-b"), None, Some(IntentCache::new(&cache_path)));
     let mut bv = b.view();
     until(&mut bv, "edge b live", |v| v.link.is_live()).await;
-    let d = a
-        .apply(
-            &drain("eu"),
-            Expect::Revision(0),
-            &actor("edge-a"),
-            cellgate_fleet::now(),
-        )
-        .await
-        .expect("drain");
+    let d = first_drain(&a, "eu").await.expect("drain");
     until(&mut bv, "drain seen by edge b", |v| drained(v, "eu")).await;
 
     // etcd dies: edge b keeps the drain and says since when it is stale.
@@ -368,10 +371,7 @@ async fn a_watch_whose_revision_was_compacted_during_a_disconnect_reads_everythi
     let (_etcd, relay, a, b) = relayed().await;
     let (mut bv, mut events) = (b.view(), b.events());
     let now = cellgate_fleet::now;
-    let d = a
-        .apply(&drain("eu"), Expect::Revision(0), &actor("edge-a"), now())
-        .await
-        .expect("drain");
+    let d = first_drain(&a, "eu").await.expect("drain");
     until(&mut bv, "drain seen", |v| drained(v, "eu") && v.link.is_live()).await;
 
     // Edge b loses etcd; meanwhile the fleet moves on and etcd compacts its
@@ -643,15 +643,7 @@ async fn with_auth_an_edge_writes_as_its_user_and_bad_credentials_or_keys_are_de
         f
     };
     let a = FleetStore::new(&with_password("/cg/", "edge-password-1"), "edge-a").expect("store");
-    let d = a
-        .apply(
-            &drain("eu"),
-            Expect::Revision(0),
-            &actor("edge-a"),
-            cellgate_fleet::now(),
-        )
-        .await
-        .expect("an authenticated write");
+    let d = first_drain(&a, "eu").await.expect("an authenticated write");
     let b = FleetSync::start(
         FleetStore::new(&with_password("/cg/", "edge-password-1"), "edge-b").expect("store"),
         None,
@@ -686,15 +678,7 @@ async fn over_client_tls_an_edge_with_its_certificate_syncs_and_one_without_is_r
         None,
     );
     let mut bv = b.view();
-    let d = a
-        .apply(
-            &drain("eu"),
-            Expect::Revision(0),
-            &actor("edge-a"),
-            cellgate_fleet::now(),
-        )
-        .await
-        .expect("a write over TLS");
+    let d = first_drain(&a, "eu").await.expect("a write over TLS");
     let v = until(&mut bv, "edge b live with the drain", |v| {
         v.link.is_live() && drained(v, "eu")
     })

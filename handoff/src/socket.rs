@@ -18,7 +18,8 @@ use crate::Error;
 pub const MAX_SOCKETS: usize = 253;
 
 /// What a socket is for, as both processes name it: `http`, `https`,
-/// `dns-udp`, `dns-tcp`, `admin`, `tcp:<configured addr>`,
+/// `dns-udp` (`dns-udp:<n>` for the n-th UDP worker's socket after the
+/// first), `dns-tcp`, `admin`, `tcp:<configured addr>`,
 /// `tls:<configured addr>`. The new process looks its listeners up by
 /// these names, so they follow the config, not the bound port.
 ///
@@ -38,6 +39,16 @@ impl SocketName {
     pub const DNS_TCP: Self = Self(Cow::Borrowed("dns-tcp"));
     /// The admin API listener (`listeners.admin`).
     pub const ADMIN: Self = Self(Cow::Borrowed("admin"));
+
+    /// The UDP socket of DNS worker `n` (0-based; all of them share one
+    /// port through `SO_REUSEPORT`): worker 0's is [`SocketName::DNS_UDP`],
+    /// so a process with one worker names its socket as before.
+    pub fn dns_udp(n: usize) -> Self {
+        match n {
+            0 => Self::DNS_UDP,
+            n => Self(Cow::Owned(format!("dns-udp:{n}"))),
+        }
+    }
 
     /// An L4 TCP listener (`[[listeners.tcp]]`), by its configured address.
     pub fn tcp(configured: SocketAddr) -> Self {
@@ -362,6 +373,9 @@ mod tests {
             Err(Error::InvalidName { .. })
         ));
         assert!(SocketName::new("dns-udp").is_ok());
+        assert_eq!(SocketName::dns_udp(0), SocketName::DNS_UDP);
+        assert_eq!(SocketName::dns_udp(3).as_str(), "dns-udp:3");
+        assert!(SocketName::new(SocketName::dns_udp(63).as_str()).is_ok());
         let back: SocketName = serde_json::from_str("\"http\"").expect("test socket");
         assert_eq!(back, SocketName::HTTP);
         assert!(serde_json::from_str::<SocketName>("\"\\n\"").is_err());

@@ -93,33 +93,82 @@ fn local(addr: &str) -> SocketAddr {
     addr.parse().expect("addr")
 }
 
+/// The old process under load: an HTTP listener serving `old` and a DNS
+/// UDP socket, both in its socket set, and a client connecting in a loop.
+struct Busy {
+    http: SocketAddr,
+    dns_addr: SocketAddr,
+    /// The old process's copy of the DNS socket, closed when it stops.
+    dns: Option<UdpSocket>,
+    set: SocketSet,
+    stop: watch::Sender<bool>,
+    serving: JoinHandle<()>,
+    done: watch::Sender<bool>,
+    load: JoinHandle<Load>,
+}
+
+impl Busy {
+    /// Starts serving and returns once the client has its first answer.
+    async fn start() -> Self {
+        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+        let dns = UdpSocket::bind("127.0.0.1:0").await.expect("bind dns");
+        let (addr, dns_addr) = (http.local_addr().expect("addr"), dns.local_addr().expect("addr"));
+        let mut set = SocketSet::new();
+        set.insert(SocketName::HTTP, &http).expect("http");
+        set.insert(SocketName::DNS_UDP, &dns).expect("dns");
+        let (stop, stopped) = watch::channel(false);
+        let serving = serve(http, "old".into(), stopped);
+        let (started_tx, started) = oneshot::channel();
+        let (done, done_rx) = watch::channel(false);
+        let load = client(addr, started_tx, done_rx);
+        started.await.expect("the client got a first answer");
+        Self {
+            http: addr,
+            dns_addr,
+            dns: Some(dns),
+            set,
+            stop,
+            serving,
+            done,
+            load,
+        }
+    }
+
+    /// Stops accepting (the new process is ready) and closes the old
+    /// process's copy of the DNS socket.
+    async fn stop_accepting(&mut self) {
+        self.stop.send(true).expect("old serving");
+        (&mut self.serving).await.expect("old accept loop ended");
+        self.dns = None;
+    }
+
+    /// Tells the client to finish and returns what it saw, which must hold
+    /// no refused or failed connection.
+    async fn finish(self) -> Load {
+        self.done.send(true).expect("client running");
+        let load = self.load.await.expect("client task");
+        assert!(
+            load.errors.is_empty(),
+            "refused or failed connections: {:?}",
+            load.errors
+        );
+        load
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_socket_moves_to_the_new_process_and_no_connection_is_refused() {
     let dir = tempfile::tempdir().expect("temp dir");
     let handoff = Handoff::new(dir.path().join("upgrade.sock"));
 
-    // The old process serves HTTP; it also has an admin listener (on ::1
-    // where there is one) and a DNS UDP socket.
-    let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+    // The old process serves HTTP to a client connecting in a loop across
+    // the whole hand-off; it also has a DNS UDP socket and an admin
+    // listener (on ::1 where there is one).
+    let mut old = Busy::start().await;
     let admin = TcpListener::bind(loopback_v6_or_v4()).await.expect("bind admin");
-    let dns = UdpSocket::bind("127.0.0.1:0").await.expect("bind dns");
-    let (http_addr, admin_addr, dns_addr) = (
-        http.local_addr().expect("addr"),
-        admin.local_addr().expect("addr"),
-        dns.local_addr().expect("addr"),
-    );
-    let mut set = SocketSet::new();
-    set.insert(SocketName::HTTP, &http).expect("http");
-    set.insert(SocketName::ADMIN, &admin).expect("admin");
-    set.insert(SocketName::DNS_UDP, &dns).expect("dns");
-    let (stop_old, stopped) = watch::channel(false);
-    let old_http = serve(http, "old".into(), stopped);
-
-    // A client connects in a loop across the whole hand-off.
-    let (started_tx, started) = oneshot::channel();
-    let (done, done_rx) = watch::channel(false);
-    let load = client(http_addr, started_tx, done_rx);
-    started.await.expect("the client got a first answer");
+    let admin_addr = admin.local_addr().expect("addr");
+    old.set.insert(SocketName::ADMIN, &admin).expect("admin");
+    let dns_addr = old.dns_addr;
 
     // The new process: inherit, serve, report ready.
     let new = tokio::spawn({
@@ -152,12 +201,10 @@ async fn every_socket_moves_to_the_new_process_and_no_connection_is_refused() {
 
     // The old process, on SIGQUIT: offer, keep serving until the new one is
     // ready, stop accepting, release, drain.
-    let offered = handoff.send(&set).await.expect("the new process took the sockets");
-    drop(set);
+    let offered = handoff.send(&old.set).await.expect("the new process took the sockets");
     let successor = offered.wait_ready().await.expect("the new process is ready");
-    stop_old.send(true).expect("old serving");
-    old_http.await.expect("old accept loop ended");
-    drop((admin, dns));
+    old.stop_accepting().await;
+    drop(admin);
     successor
         .release(Duration::from_secs(3))
         .await
@@ -168,13 +215,7 @@ async fn every_socket_moves_to_the_new_process_and_no_connection_is_refused() {
     assert_eq!(released.pid, std::process::id());
     assert!(!handoff.path().exists(), "the upgrade socket is gone");
 
-    done.send(true).expect("client running");
-    let load = load.await.expect("client task");
-    assert!(
-        load.errors.is_empty(),
-        "refused or failed connections: {:?}",
-        load.errors
-    );
+    let load = old.finish().await;
     let old = load.answers.iter().filter(|t| *t == "old").count();
     let new = load.answers.iter().filter(|t| *t == "new").count();
     assert!(old > 0 && new >= 200, "old answered {old}, new {new}");
@@ -244,6 +285,17 @@ async fn old_process() -> Old {
     Old { addr, set, _stop: stop }
 }
 
+/// Whether the hand-off failed because the new process went away before it
+/// said it was ready.
+fn died_before_ready(err: &Error) -> bool {
+    matches!(
+        err,
+        Error::PeerClosed {
+            phase: Phase::AwaitingReady
+        }
+    )
+}
+
 #[tokio::test]
 async fn the_old_process_keeps_serving_when_the_new_one_dies_before_ready() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -257,15 +309,7 @@ async fn the_old_process_keeps_serving_when_the_new_one_dies_before_ready() {
     });
     let offered = handoff.send(&old.set).await.expect("sent");
     let err = offered.wait_ready().await.expect_err("the new process died");
-    assert!(
-        matches!(
-            err,
-            Error::PeerClosed {
-                phase: Phase::AwaitingReady
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(died_before_ready(&err), "{err:?}");
     new.await.expect("new process task");
     assert_eq!(ask(old.addr).await.as_deref(), Ok("old"));
 }
@@ -374,37 +418,17 @@ fn spawn_new_process(
 async fn hand_off_to_a_second_process() {
     let dir = tempfile::tempdir().expect("temp dir");
     let handoff = Handoff::new(dir.path().join("upgrade.sock"));
-    let http = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let dns = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
-    let (http_addr, dns_addr) = (http.local_addr().expect("addr"), dns.local_addr().expect("addr"));
-    let mut set = SocketSet::new();
-    set.insert(SocketName::HTTP, &http).expect("http");
-    set.insert(SocketName::DNS_UDP, &dns).expect("dns");
-    let (stop_old, stopped) = watch::channel(false);
-    let old_http = serve(http, "old".into(), stopped);
-    let (started_tx, started) = oneshot::channel();
-    let (done, done_rx) = watch::channel(false);
-    let load = client(http_addr, started_tx, done_rx);
-    started.await.expect("first answer");
-
-    let mut child = spawn_new_process(dir.path(), handoff.path(), http_addr, dns_addr, false);
+    let mut old = Busy::start().await;
+    let dns_addr = old.dns_addr;
+    let mut child = spawn_new_process(dir.path(), handoff.path(), old.http, dns_addr, false);
     let child_pid = child.id().expect("child pid");
-    let offered = handoff.send(&set).await.expect("the new process took the sockets");
+    let offered = handoff.send(&old.set).await.expect("the new process took the sockets");
     assert_eq!(offered.pid(), child_pid);
-    drop(set);
     let successor = offered.wait_ready().await.expect("the new process is ready");
-    stop_old.send(true).expect("old serving");
-    old_http.await.expect("old accept loop ended");
-    drop(dns);
+    old.stop_accepting().await;
     successor.release(Duration::from_secs(1)).await.expect("released");
 
-    done.send(true).expect("client running");
-    let load = load.await.expect("client task");
-    assert!(
-        load.errors.is_empty(),
-        "refused or failed connections: {:?}",
-        load.errors
-    );
+    let load = old.finish().await;
     let child_tag = format!("pid {child_pid}");
     assert!(load.answers.iter().any(|t| t == "old"));
     assert!(
@@ -431,15 +455,7 @@ async fn a_second_process_that_dies_before_ready_leaves_the_old_one_serving() {
     let mut child = spawn_new_process(dir.path(), handoff.path(), old.addr, any, true);
     let offered = handoff.send(&old.set).await.expect("sent");
     let err = offered.wait_ready().await.expect_err("the new process died");
-    assert!(
-        matches!(
-            err,
-            Error::PeerClosed {
-                phase: Phase::AwaitingReady
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(died_before_ready(&err), "{err:?}");
     assert_eq!(child.wait().await.expect("exit status").code(), Some(3));
     for _ in 0..20 {
         assert_eq!(ask(old.addr).await.as_deref(), Ok("old"));

@@ -198,6 +198,16 @@ pub(crate) struct ConnIo {
     out: Option<(Bytes, usize)>,
     answered: bool,
     linger: Linger,
+    /// The first byte of the next request, read by
+    /// [`ConnIo::wait_for_request`] (already counted) and not yet handed
+    /// to pingora.
+    held: Option<u8>,
+    /// Bytes past a request's head went to pingora (a body, a pipelined
+    /// request, its idle probe), or a head came without a read here (from
+    /// what pingora held): pingora may hold the start of a next request
+    /// itself, now or later. Kept for the connection's life (see
+    /// [`ConnIo::pingora_may_hold_input`]).
+    past_head: bool,
 }
 
 /// Closing a connection we answered ourselves.
@@ -244,6 +254,8 @@ impl ConnIo {
             out: None,
             answered: false,
             linger: Linger::No,
+            held: None,
+            past_head: false,
         }
     }
 
@@ -265,7 +277,46 @@ impl ConnIo {
         self.out = None;
         self.answered = false;
         self.linger = Linger::No;
+        self.held = None;
         self.st.busy.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether pingora may hold bytes of a next request: it was given
+    /// bytes past a request's head, or took a head from such bytes (this
+    /// request's head did not come through here). Then only pingora can
+    /// tell when the next request starts, and the connection waits for it
+    /// inside pingora as before, for the rest of its life: a pipelined
+    /// head read partly from pingora's bytes would be counted from its
+    /// middle here, so no later request boundary would be known for sure.
+    /// Plain keep-alive clients (one request at a time, no body) never set
+    /// it.
+    pub fn pingora_may_hold_input(&mut self) -> bool {
+        self.past_head |= self.head_bytes == 0;
+        self.past_head
+    }
+
+    /// Between two requests on a kept-alive connection: waits for the next
+    /// request's first byte (kept for pingora's first read) so that an idle
+    /// connection holds only this wrapper, not a request in progress
+    /// (pingora's proxy future and header buffer). `false`: the client
+    /// closed or failed, or the keep-alive timeout ran out (recorded in
+    /// [`ConnState`] as for a wait in pingora). Call only when
+    /// [`ConnIo::pingora_may_hold_input`] was false, after
+    /// [`ConnIo::next_request`].
+    pub async fn wait_for_request(&mut self) -> bool {
+        let mut first = [0u8; 1];
+        let read = std::future::poll_fn(|cx| {
+            let mut buf = ReadBuf::new(&mut first);
+            Pin::new(&mut *self)
+                .poll_read(cx, &mut buf)
+                .map_ok(|()| buf.filled().len())
+        })
+        .await;
+        let got = matches!(read, Ok(1));
+        if got {
+            self.held = Some(first[0]);
+        }
+        got
     }
 
     fn busy(&self) -> bool {
@@ -281,6 +332,7 @@ impl ConnIo {
     /// Counts head bytes and lines in `new`; `Err` past a limit.
     fn scan(&mut self, new: &[u8]) -> Result<(), Refusal> {
         if self.head_done {
+            self.past_head |= !new.is_empty();
             return Ok(());
         }
         for (i, &b) in new.iter().enumerate() {
@@ -294,6 +346,7 @@ impl ConnIo {
                     // which only leaves the proxy's own check).
                     self.head_bytes += i + 1;
                     self.head_done = true;
+                    self.past_head |= i + 1 < new.len();
                     return self.check();
                 }
                 b'\n' => {
@@ -382,7 +435,28 @@ impl AsyncRead for ConnIo {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let me = &mut *self;
         if me.busy() {
-            return Pin::new(&mut me.inner).poll_read(cx, buf);
+            let before = buf.filled().len();
+            let r = Pin::new(&mut me.inner).poll_read(cx, buf);
+            me.past_head |= buf.filled().len() > before;
+            return r;
+        }
+        if let Some(b) = me.held.take() {
+            if buf.remaining() == 0 {
+                me.held = Some(b);
+                return Poll::Ready(Ok(()));
+            }
+            // The byte and, in the same read, whatever else has come.
+            buf.put_slice(&[b]);
+            let before = buf.filled().len();
+            if buf.remaining() > 0 {
+                if let Poll::Ready(Ok(())) = Pin::new(&mut me.inner).poll_read(cx, buf) {
+                    if let Err(why) = me.scan(&buf.filled()[before..]) {
+                        me.reject = Some((431, why));
+                        me.reject_next_read = true;
+                    }
+                }
+            }
+            return Poll::Ready(Ok(()));
         }
         if me.reject_next_read {
             me.reject_next_read = false;

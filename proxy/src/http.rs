@@ -41,6 +41,7 @@ use crate::{
     conn::ConnHandle,
     framing::{Http10, Http10FramingBuilder},
     tls::UpstreamCas,
+    trace::{RequestSpan, SpanEnd, Tracing},
 };
 
 /// Response header naming the cell that served the request.
@@ -66,12 +67,19 @@ pub struct CellProxy {
     /// §7.6.3 names the protocol version of the hop); `None`: no `Via`.
     via: Option<[HeaderValue; 3]>,
     upstream_cas: UpstreamCas,
+    tracing: Arc<Tracing>,
 }
 
 impl CellProxy {
     /// `tls`: whether this instance serves a TLS listener (for
     /// `X-Forwarded-Proto` and the cookie's `Secure` flag).
-    pub fn new(snapshots: Arc<Snapshots>, sticky: Option<StickyKey>, settings: ProxySettings, tls: bool) -> Self {
+    pub fn new(
+        snapshots: Arc<Snapshots>,
+        sticky: Option<StickyKey>,
+        settings: ProxySettings,
+        tls: bool,
+        tracing: Arc<Tracing>,
+    ) -> Self {
         let budget = RetryBudget::new(settings.retry_budget, 10);
         let via = settings.via.as_deref().and_then(|name| {
             let v = |ver: &str| HeaderValue::from_str(&format!("{ver} {name}")).ok();
@@ -88,6 +96,7 @@ impl CellProxy {
             cookies: CookieCache::default(),
             via,
             upstream_cas: UpstreamCas::default(),
+            tracing,
         }
     }
 
@@ -169,6 +178,10 @@ pub struct RequestCtx {
     /// An upgrade request framed as chunked until its `101` (see
     /// `early_request_filter`).
     upgrade_body_held: bool,
+    /// The request's shard key, kept only for its span (tracing on).
+    shard_key: Option<Box<str>>,
+    /// This hop's span, when tracing is on.
+    span: Option<RequestSpan>,
 }
 
 impl RequestCtx {
@@ -282,6 +295,9 @@ impl CellProxy {
             Some(ShardKeySource::ClientAddr) => addr_text.as_ref().map(IpText::as_str),
         }
         .filter(|k| !k.is_empty());
+        if ctx.span.is_some() {
+            ctx.shard_key = shard_key.map(Box::from);
+        }
         if let (Some(st), Some(key)) = (&spec.sticky, &self.sticky) {
             if let Some(tok) = cookie(cookies, &st.cookie).and_then(|v| key.verify(spec.name.as_str(), v, now)) {
                 ctx.sticky_cell = table.cell_idx(tok.cell.as_str());
@@ -448,6 +464,14 @@ impl ProxyHttp for CellProxy {
     }
 
     async fn early_request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        // Tracing off: this branch is all it costs.
+        if self.tracing.is_on() {
+            let trusted = session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .is_some_and(|a| self.trusted(a.ip()));
+            ctx.span = self.tracing.http_span(session.req_header(), trusted, self.tls);
+        }
         let req = session.req_header();
         // RFC 9112 §3.2: an HTTP/1.1 request without Host is a 400.
         if req.version == Version::HTTP_11 && !req.headers.contains_key(header::HOST) {
@@ -653,6 +677,11 @@ impl ProxyHttp for CellProxy {
             if let Some(host) = &s.table.cell_spec(cell).http_host {
                 upstream.insert_header(http::header::HOST, host.as_str())?;
             }
+        }
+        // This hop's span is the cell's parent (tracing off: the client's
+        // trace headers pass as they came).
+        if let Some(span) = &ctx.span {
+            span.propagate(upstream)?;
         }
         Ok(())
     }
@@ -866,11 +895,33 @@ impl ProxyHttp for CellProxy {
             (Some(s), Some(e)) => Some(s.endpoint(e).addr),
             _ => None,
         };
+        let client = self.client_ip(session);
+        let trace_id = ctx.span.as_ref().map(RequestSpan::trace_id);
+        if let Some(span) = ctx.span.take() {
+            let ours = e.filter(|e| *e.esource() != ErrorSource::Downstream);
+            span.finish(SpanEnd {
+                service: routed.map(|_| service),
+                cell: routed.map(|_| cell),
+                reason: reason.as_ref().map(|r| r as &dyn std::fmt::Display),
+                endpoint,
+                status,
+                client,
+                retries: ctx.retries,
+                sticky: ctx.sticky_cell.is_some(),
+                shard_key: ctx.shard_key.as_deref(),
+                error: e.map(|e| e as &dyn std::fmt::Display),
+                error_type: ours.and_then(|e| match e.etype() {
+                    ErrorType::HTTPStatus(_) => None,
+                    t => Some(t.as_str()),
+                }),
+                error_is_ours: ours.is_some(),
+            });
+        }
         // Fields: see "Access log" in the README (the schema).
         tracing::info!(
             target: "cellgate::access",
-            trace_id = "",
-            client = tracing::field::display(OrDash(self.client_ip(session))),
+            trace_id = tracing::field::display(OrDash(trace_id)),
+            client = tracing::field::display(OrDash(client)),
             method = %session.req_header().method,
             path = session.req_header().uri.path(),
             service,
@@ -888,7 +939,7 @@ impl ProxyHttp for CellProxy {
 }
 
 /// Displays the value, or nothing when there is none.
-struct OrDash<T>(Option<T>);
+pub(crate) struct OrDash<T>(pub(crate) Option<T>);
 
 impl<T: std::fmt::Display> std::fmt::Display for OrDash<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -8,7 +8,7 @@ use std::{
         atomic::{AtomicU64, Ordering::Relaxed},
         Arc,
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use cellgate_config::{ProxySettings, ServiceName, ShardKeySource};
@@ -22,7 +22,10 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::sni::{self, HelloError};
+use crate::{
+    sni::{self, HelloError},
+    trace::{RequestSpan, SpanEnd, Tracing},
+};
 
 /// What a listener routes by.
 #[derive(Clone, Debug)]
@@ -38,6 +41,22 @@ pub enum Binding {
 pub struct L4Proxy {
     pub snapshots: Arc<Snapshots>,
     pub settings: ProxySettings,
+    pub tracing: Arc<Tracing>,
+}
+
+/// Ends a connection's span that never reached a cell.
+fn failed(span: Option<RequestSpan>, service: &str, client: IpAddr, retries: u32, why: &'static str) {
+    if let Some(span) = span {
+        span.finish(SpanEnd {
+            service: Some(service),
+            client: Some(client),
+            retries,
+            error: Some(&why),
+            error_type: Some(why),
+            error_is_ours: true,
+            ..Default::default()
+        });
+    }
 }
 
 fn reject(s: &Snapshot, reason: &'static str, peer: SocketAddr) {
@@ -90,6 +109,7 @@ pub async fn serve(
 impl L4Proxy {
     async fn handle(&self, mut client: TcpStream, peer: SocketAddr, local: SocketAddr, binding: &Binding) {
         let _ = client.set_nodelay(true);
+        let accepted = self.tracing.is_on().then(SystemTime::now);
         let clock = self.snapshots.clock().clone();
         let snapshot = self.snapshots.load_full();
         let table = &snapshot.table;
@@ -167,8 +187,11 @@ impl L4Proxy {
                 retries += 1;
             }
         }
+        let mut span = accepted.and_then(|t| self.tracing.l4_span(t, sni.is_some(), spec.name.as_str()));
         let Some((mut up, cell, idx, reason)) = upstream else {
-            return reject(&snapshot, if d.is_empty() { "no_cell" } else { "connect_failed" }, peer);
+            let why = if d.is_empty() { "no_cell" } else { "connect_failed" };
+            failed(span, spec.name.as_str(), ip, retries, why);
+            return reject(&snapshot, why, peer);
         };
         let _inflight = snapshot.endpoint(idx).begin();
         let _ = up.set_nodelay(true);
@@ -178,10 +201,10 @@ impl L4Proxy {
         if let Some(m) = pair {
             m.l4_connections.increment(1);
         }
-        if spec.proxy_protocol && up.write_all(&proxy_v2(peer, local)).await.is_err() {
-            return reject(&snapshot, "upstream_write", peer);
-        }
-        if !hello.is_empty() && up.write_all(&hello).await.is_err() {
+        if (spec.proxy_protocol && up.write_all(&proxy_v2(peer, local)).await.is_err())
+            || (!hello.is_empty() && up.write_all(&hello).await.is_err())
+        {
+            failed(span.take(), spec.name.as_str(), ip, retries, "upstream_write");
             return reject(&snapshot, "upstream_write", peer);
         }
         let started = Instant::now();
@@ -190,10 +213,28 @@ impl L4Proxy {
             m.l4_bytes_to_cell.increment(to_cell + hello.len() as u64);
             m.l4_bytes_to_client.increment(to_client);
         }
+        let trace_id = span.as_ref().map(RequestSpan::trace_id);
+        if let Some(span) = span {
+            span.finish_l4(
+                SpanEnd {
+                    service: Some(spec.name.as_str()),
+                    cell: Some(cell_id.as_str()),
+                    reason: Some(&reason),
+                    endpoint: Some(snapshot.endpoint(idx).addr),
+                    client: Some(ip),
+                    retries,
+                    shard_key,
+                    ..Default::default()
+                },
+                sni.as_deref(),
+                (to_cell + hello.len() as u64, to_client),
+                why,
+            );
+        }
         // Fields: see "Access log" in the README (the schema).
         tracing::info!(
             target: "cellgate::access",
-            trace_id = "",
+            trace_id = tracing::field::display(crate::http::OrDash(trace_id)),
             client = %ip,
             l4 = true,
             service = spec.name.as_str(),

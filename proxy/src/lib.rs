@@ -26,6 +26,7 @@ pub mod l4;
 pub mod listen;
 mod sni;
 pub mod tls;
+pub mod trace;
 
 use std::sync::Arc;
 
@@ -48,12 +49,18 @@ pub enum Error {
 }
 
 /// The pingora HTTP engine for one listener (`tls`: the HTTPS one).
-pub fn http_app(config: &Config, snapshots: Arc<Snapshots>, sticky: Option<StickyKey>, tls: bool) -> Arc<HttpApp> {
+pub fn http_app(
+    config: &Config,
+    snapshots: Arc<Snapshots>,
+    sticky: Option<StickyKey>,
+    tls: bool,
+    tracing: Arc<trace::Tracing>,
+) -> Arc<HttpApp> {
     let conf = Arc::new(ServerConf {
         threads: config.proxy.threads,
         ..Default::default()
     });
-    let proxy = CellProxy::new(snapshots, sticky, config.proxy.clone(), tls);
+    let proxy = CellProxy::new(snapshots, sticky, config.proxy.clone(), tls, tracing);
     // Connections are driven by `listen` (h2c is told from HTTP/1 there):
     // pingora's server options are not used.
     Arc::new(pingora::proxy::http_proxy(&conf, proxy))

@@ -156,8 +156,16 @@ impl HttpListener {
 
     /// Accepts until `shutdown` turns true; every connection runs as a task
     /// of `conns`, which the caller waits on for the grace period, and ends
-    /// when `cancel` fires.
-    pub async fn serve(self, shutdown: ShutdownWatch, conns: TaskTracker, cancel: CancellationToken) {
+    /// when `cancel` fires. A keep-alive connection waiting for its next
+    /// request (after `shutdown`, such a request is answered with
+    /// `Connection: close`) is closed when `idle_close` fires.
+    pub async fn serve(
+        self,
+        shutdown: ShutdownWatch,
+        conns: TaskTracker,
+        cancel: CancellationToken,
+        idle_close: CancellationToken,
+    ) {
         let mut stop = shutdown.clone();
         let limit = Arc::new(Semaphore::new(self.max_connections));
         loop {
@@ -179,10 +187,11 @@ impl HttpListener {
                 continue;
             };
             let (ctx, tls, shutdown, cancel) = (self.ctx.clone(), self.tls.clone(), shutdown.clone(), cancel.clone());
+            let idle_close = idle_close.clone();
             conns.spawn(async move {
                 ctx.open.increment(1.0);
                 tokio::select! {
-                    _ = serve_connection(&ctx, tcp, tls, shutdown) => {}
+                    _ = serve_connection(&ctx, tcp, tls, shutdown, &idle_close) => {}
                     _ = cancel.cancelled() => {}
                 }
                 ctx.open.decrement(1.0);
@@ -198,7 +207,13 @@ pub async fn stopped(rx: &mut ShutdownWatch) {
 }
 
 /// One client connection, from accept to close.
-async fn serve_connection(ctx: &Ctx, tcp: TcpStream, tls: Option<Arc<Acceptor>>, shutdown: ShutdownWatch) {
+async fn serve_connection(
+    ctx: &Ctx,
+    tcp: TcpStream,
+    tls: Option<Arc<Acceptor>>,
+    shutdown: ShutdownWatch,
+    idle_close: &CancellationToken,
+) {
     let deadline = Instant::now() + ctx.head.header_timeout;
     let _ = tcp.set_nodelay(true);
     let digest = SocketDigest::from_raw_fd(tcp.as_raw_fd());
@@ -240,7 +255,7 @@ async fn serve_connection(ctx: &Ctx, tcp: TcpStream, tls: Option<Arc<Acceptor>>,
         h2_connection(ctx, stream, deadline, shutdown).await;
         return;
     }
-    http1_connection(ctx, stream, deadline, shutdown).await;
+    http1_connection(ctx, stream, deadline, shutdown, idle_close).await;
 }
 
 /// Reads until the bytes can no longer be the h2 preface (or are all of
@@ -265,8 +280,18 @@ async fn sniff_h2c(s: &mut L4Stream) -> Option<bool> {
 }
 
 /// HTTP/1 keep-alive: one `process_new_http` per request, pipelined
-/// requests answered in order, the first head due by `deadline`.
-async fn http1_connection(ctx: &Ctx, stream: Stream, deadline: Instant, shutdown: ShutdownWatch) {
+/// requests answered in order, the first head due by `deadline`. Between
+/// two requests the connection waits here, in [`ConnIo`], for the next
+/// one's first byte, unless pingora may hold it already: an idle
+/// connection then costs its socket and this task, not a request in
+/// progress (pingora's proxy future and its header buffer).
+async fn http1_connection(
+    ctx: &Ctx,
+    stream: Stream,
+    deadline: Instant,
+    shutdown: ShutdownWatch,
+    idle_close: &CancellationToken,
+) {
     let st = Arc::new(ConnState::default());
     let mut io = Box::new(ConnIo::new(stream, st.clone(), ctx.head.clone(), deadline));
     let mut persisted = None;
@@ -294,7 +319,20 @@ async fn http1_connection(ctx: &Ctx, stream: Stream, deadline: Instant, shutdown
         let Ok(mut next) = stream.into_any().downcast::<ConnIo>() else {
             return;
         };
+        let pingora_has_it = next.pingora_may_hold_input();
         next.next_request(ctx.keepalive);
+        if !pingora_has_it {
+            let arrived = tokio::select! {
+                arrived = next.wait_for_request() => arrived,
+                _ = idle_close.cancelled() => false,
+            };
+            if !arrived {
+                if let Some((early, line)) = st.take_early() {
+                    report_early(ctx, early, &line);
+                }
+                return;
+            }
+        }
         io = next;
         persisted = p;
     }

@@ -320,6 +320,8 @@ async fn serve(s: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
         "forwarded": header("forwarded"),
         "via": all("via"),
         "x_tenant": header("x-tenant"),
+        "traceparent": all("traceparent"),
+        "tracestate": all("tracestate"),
     });
     let fail_rate = State::f64(&s.fail_rate);
     let (_, incoming) = req.into_parts();

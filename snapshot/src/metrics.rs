@@ -279,6 +279,14 @@ pub struct EdgeMetrics {
     /// `cellgate_dns_rrl_total{action="drop"}` and `{action="slip"}`.
     pub dns_rrl_dropped: Counter,
     pub dns_rrl_slipped: Counter,
+    /// `cellgate_dns_cache_total{result}`: UDP queries answered from a
+    /// worker's answer cache (`hit`), computed and kept (`miss`), or
+    /// computed because such answers are never kept (`uncacheable`:
+    /// malformed, TSIG, other opcodes, EDNS version > 0, invalid Client
+    /// Subnet).
+    pub dns_cache_hits: Counter,
+    pub dns_cache_misses: Counter,
+    pub dns_cache_uncacheable: Counter,
     /// `cellgate_responses_total{service="-",cell="-",class}`: responses
     /// the proxy sent itself before or without choosing a cell.
     pub unrouted_responses: [Counter; 6],
@@ -298,6 +306,9 @@ impl EdgeMetrics {
             prober_blind: metrics.gauge("cellgate_prober_blind", &[]),
             dns_rrl_dropped: metrics.counter("cellgate_dns_rrl_total", &[("action", "drop")]),
             dns_rrl_slipped: metrics.counter("cellgate_dns_rrl_total", &[("action", "slip")]),
+            dns_cache_hits: metrics.counter("cellgate_dns_cache_total", &[("result", "hit")]),
+            dns_cache_misses: metrics.counter("cellgate_dns_cache_total", &[("result", "miss")]),
+            dns_cache_uncacheable: metrics.counter("cellgate_dns_cache_total", &[("result", "uncacheable")]),
             unrouted_responses: STATUS_CLASSES.map(|class| {
                 metrics.counter(
                     "cellgate_responses_total",

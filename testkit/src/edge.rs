@@ -255,6 +255,26 @@ impl TestEdge {
             .unwrap_or(0.0)
     }
 
+    /// Waits (bounded by [`PATIENCE`]) until `cond` holds of one metric
+    /// series, and returns its value. Counters a response bumps are
+    /// recorded after the client has the response, so a test reads them
+    /// through this.
+    pub async fn metric_until(&self, series: &str, cond: impl Fn(f64) -> bool) -> f64 {
+        let wait = async {
+            loop {
+                let v = self.metric(series);
+                if cond(v) {
+                    return v;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        match tokio::time::timeout(PATIENCE, wait).await {
+            Ok(v) => v,
+            Err(_) => panic!("{series} = {} after {PATIENCE:?}", self.metric(series)),
+        }
+    }
+
     /// Stops the edge and waits for it.
     pub async fn stop(mut self, how: Stop) -> anyhow::Result<()> {
         self.stop_in_place(how).await

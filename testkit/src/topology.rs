@@ -90,6 +90,7 @@ impl Topology {
                 dns: RawDns::default(),
                 admin: RawAdmin::default(),
                 fleet: None,
+                tracing: None,
             },
         }
     }

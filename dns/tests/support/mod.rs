@@ -186,7 +186,7 @@ impl Fixture {
         );
         let metrics = Metrics::prometheus();
         let snapshots = Arc::new(Snapshots::standalone_with(table, Clock::system(), metrics.clone()));
-        let listener = DnsListener::bind("127.0.0.1:0".parse().expect("addr"))
+        let listener = DnsListener::bind("127.0.0.1:0".parse().expect("addr"), 2)
             .await
             .expect("bind");
         let running = DnsServer::start(listener, snapshots.clone()).expect("start");
@@ -349,6 +349,11 @@ pub async fn ask(f: &Fixture, proto: Proto, q: &Ask<'_>) -> Message {
     m
 }
 
+/// [`ask`] over UDP with a Client Subnet option of `net`/`prefix`.
+pub async fn ask_ecs(f: &Fixture, name: &str, qtype: RecordType, net: &str, prefix: u8) -> Message {
+    ask(f, Proto::Udp, &Ask::new(name, qtype).ecs(net, prefix)).await
+}
+
 pub fn addrs(m: &Message) -> Vec<String> {
     m.answers
         .iter()
@@ -399,12 +404,7 @@ pub async fn check_geo_database(nets: &[cellgate_testkit::mmdb::GeoNet], cases: 
     )
     .await;
     for &(net, prefix, want, want_scope) in cases {
-        let m = ask(
-            &f,
-            Proto::Udp,
-            &Ask::new("app.example.test.", RecordType::A).ecs(net, prefix),
-        )
-        .await;
+        let m = ask_ecs(&f, "app.example.test.", RecordType::A, net, prefix).await;
         assert_eq!(addrs(&m), [want], "{net}/{prefix}");
         assert_eq!(scope(&m), Some((prefix, want_scope)), "{net}/{prefix}");
     }
