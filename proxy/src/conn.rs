@@ -162,6 +162,10 @@ enum Phase {
     Head { until: Instant },
 }
 
+/// Most bytes [`ConnIo::wait_for_request`] reads for pingora (a typical
+/// request head; the rest comes through pingora's own reads).
+const HELD: usize = 1024;
+
 /// Longest request line kept for the access log.
 const LINE_KEPT: usize = 256;
 /// How long a connection we answered ourselves is drained before it is
@@ -198,10 +202,10 @@ pub(crate) struct ConnIo {
     out: Option<(Bytes, usize)>,
     answered: bool,
     linger: Linger,
-    /// The first byte of the next request, read by
-    /// [`ConnIo::wait_for_request`] (already counted) and not yet handed
-    /// to pingora.
-    held: Option<u8>,
+    /// The start of the next request, read by [`ConnIo::wait_for_request`]
+    /// (already counted), and how much of it pingora has taken.
+    held: Vec<u8>,
+    held_at: usize,
     /// Bytes past a request's head went to pingora (a body, a pipelined
     /// request, its idle probe), or a head came without a read here (from
     /// what pingora held): pingora may hold the start of a next request
@@ -254,7 +258,8 @@ impl ConnIo {
             out: None,
             answered: false,
             linger: Linger::No,
-            held: None,
+            held: Vec::new(),
+            held_at: 0,
             past_head: false,
         }
     }
@@ -277,7 +282,6 @@ impl ConnIo {
         self.out = None;
         self.answered = false;
         self.linger = Linger::No;
-        self.held = None;
         self.st.busy.store(false, Ordering::Relaxed);
     }
 
@@ -296,27 +300,34 @@ impl ConnIo {
     }
 
     /// Between two requests on a kept-alive connection: waits for the next
-    /// request's first byte (kept for pingora's first read) so that an idle
-    /// connection holds only this wrapper, not a request in progress
-    /// (pingora's proxy future and header buffer). `false`: the client
+    /// request's first bytes (kept for pingora's first read) so that an
+    /// idle connection holds only this wrapper and a 1 KiB buffer, not a
+    /// request in progress (pingora's proxy future and header buffer). `false`: the client
     /// closed or failed, or the keep-alive timeout ran out (recorded in
     /// [`ConnState`] as for a wait in pingora). Call only when
     /// [`ConnIo::pingora_may_hold_input`] was false, after
     /// [`ConnIo::next_request`].
     pub async fn wait_for_request(&mut self) -> bool {
-        let mut first = [0u8; 1];
+        // Read what comes (a whole head, usually) in the one read pingora
+        // would have made; pingora's first read takes it from here, and the
+        // buffer is freed once it has.
+        let mut held = vec![0u8; HELD];
         let read = std::future::poll_fn(|cx| {
-            let mut buf = ReadBuf::new(&mut first);
+            let mut buf = ReadBuf::new(&mut held);
             Pin::new(&mut *self)
                 .poll_read(cx, &mut buf)
                 .map_ok(|()| buf.filled().len())
         })
         .await;
-        let got = matches!(read, Ok(1));
-        if got {
-            self.held = Some(first[0]);
+        // An error (the keep-alive timeout included) ends the connection
+        // as nothing read does.
+        let n = read.unwrap_or_default();
+        if n > 0 {
+            held.truncate(n);
+            self.held = held;
+            self.held_at = 0;
         }
-        got
+        n > 0
     }
 
     fn busy(&self) -> bool {
@@ -440,21 +451,14 @@ impl AsyncRead for ConnIo {
             me.past_head |= buf.filled().len() > before;
             return r;
         }
-        if let Some(b) = me.held.take() {
-            if buf.remaining() == 0 {
-                me.held = Some(b);
-                return Poll::Ready(Ok(()));
-            }
-            // The byte and, in the same read, whatever else has come.
-            buf.put_slice(&[b]);
-            let before = buf.filled().len();
-            if buf.remaining() > 0 {
-                if let Poll::Ready(Ok(())) = Pin::new(&mut me.inner).poll_read(cx, buf) {
-                    if let Err(why) = me.scan(&buf.filled()[before..]) {
-                        me.reject = Some((431, why));
-                        me.reject_next_read = true;
-                    }
-                }
+        if me.held_at < me.held.len() && buf.remaining() > 0 {
+            let n = (me.held.len() - me.held_at).min(buf.remaining());
+            buf.put_slice(&me.held[me.held_at..me.held_at + n]);
+            me.held_at += n;
+            if me.held_at == me.held.len() {
+                // Freed: an idle connection keeps no buffer.
+                me.held = Vec::new();
+                me.held_at = 0;
             }
             return Poll::Ready(Ok(()));
         }

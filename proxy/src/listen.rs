@@ -282,7 +282,7 @@ async fn sniff_h2c(s: &mut L4Stream) -> Option<bool> {
 /// HTTP/1 keep-alive: one `process_new_http` per request, pipelined
 /// requests answered in order, the first head due by `deadline`. Between
 /// two requests the connection waits here, in [`ConnIo`], for the next
-/// one's first byte, unless pingora may hold it already: an idle
+/// one's first bytes, unless pingora may hold them already: an idle
 /// connection then costs its socket and this task, not a request in
 /// progress (pingora's proxy future and its header buffer).
 async fn http1_connection(
