@@ -182,16 +182,31 @@ impl FleetStore {
         Ok(c)
     }
 
-    /// Runs one request with the request timeout.
+    /// Runs one request with the request timeout. A request that could not
+    /// even be sent because the connection to a member failed (a member
+    /// that is down still has its turn in the client's balance for a
+    /// while) is tried again, on the next member, until the timeout: it
+    /// never reached etcd, so trying again cannot apply it twice.
     async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, Error>
     where
-        F: FnOnce(Client) -> Fut,
+        F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
         let started = tokio::time::Instant::now();
         let client = self.client().await?;
+        let attempts = async {
+            loop {
+                match f(client.clone()).await {
+                    Err(e) if not_sent(&e) && started.elapsed() < self.inner.request_timeout => {
+                        tracing::debug!(error = %e, "fleet: an etcd member could not be reached; trying the next");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    r => return r,
+                }
+            }
+        };
         let left = self.inner.request_timeout.saturating_sub(started.elapsed());
-        match tokio::time::timeout(left, f(client)).await {
+        match tokio::time::timeout(left, attempts).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(self.error(e)),
             Err(_) => Err(self.timeout(what)),
@@ -251,7 +266,10 @@ impl FleetStore {
             TxnOp::get(keys.edges_prefix(), Some(GetOptions::new().with_prefix())),
         ]);
         let resp = self
-            .call("reading the fleet state", |mut c| async move { c.txn(txn).await })
+            .call("reading the fleet state", |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
             .await?;
         let (revision, cluster_id) = resp.header().map_or((0, 0), |h| (h.revision(), h.cluster_id()));
         let mut snap = Snapshot {
@@ -328,7 +346,10 @@ impl FleetStore {
             ])
             .or_else([TxnOp::get(key.clone(), None)]);
         let resp = self
-            .call("writing to etcd", |mut c| async move { c.txn(txn).await })
+            .call("writing to etcd", |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
             .await?;
         let revision = resp.header().map_or(0, |h| h.revision());
         let ops = resp.op_responses();
@@ -364,8 +385,9 @@ impl FleetStore {
             .with_sort(SortTarget::Create, SortOrder::Descend)
             .with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
         let resp = self
-            .call("reading the audit log", |mut c| async move {
-                c.get(prefix, Some(opts)).await
+            .call("reading the audit log", |mut c| {
+                let (prefix, opts) = (prefix.clone(), opts.clone());
+                async move { c.get(prefix, Some(opts)).await }
             })
             .await?;
         Ok(resp
@@ -403,10 +425,10 @@ impl FleetStore {
             .with_start_revision(from)
             .with_progress_notify();
         let prefix = self.inner.keys.prefix().to_owned();
-        self.call(
-            "starting a watch",
-            |mut c| async move { c.watch(prefix, Some(opts)).await },
-        )
+        self.call("starting a watch", |mut c| {
+            let (prefix, opts) = (prefix.clone(), opts.clone());
+            async move { c.watch(prefix, Some(opts)).await }
+        })
         .await
     }
 
@@ -416,8 +438,9 @@ impl FleetStore {
         let opts = GetOptions::new().with_revision(revision).with_count_only();
         let key = self.inner.keys.prefix().to_owned();
         match self
-            .call("checking the watch history", |mut c| async move {
-                c.get(key, Some(opts)).await
+            .call("checking the watch history", |mut c| {
+                let (key, opts) = (key.clone(), opts.clone());
+                async move { c.get(key, Some(opts)).await }
             })
             .await
         {
@@ -449,8 +472,9 @@ impl FleetStore {
     pub(crate) async fn put_report(&self, report: &EdgeReport, lease: i64) -> Result<(), Error> {
         let key = self.inner.keys.edge(&self.inner.edge);
         let value = serde_json::to_vec(report).map_err(|e| Error::Invalid(e.to_string()))?;
-        self.call("publishing the edge report", |mut c| async move {
-            c.put(key, value, Some(PutOptions::new().with_lease(lease))).await
+        self.call("publishing the edge report", |mut c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move { c.put(key, value, Some(PutOptions::new().with_lease(lease))).await }
         })
         .await
         .map(drop)
@@ -515,4 +539,15 @@ fn read_secret(s: &SecretSource) -> Result<String, Error> {
             .map(|s| s.trim().to_owned())
             .map_err(|e| Error::Secret(format!("cannot read `{}`: {e}", p.display()))),
     }
+}
+
+/// Whether a request failed before it was sent: the connection to the
+/// member it was given to could not be made.
+fn not_sent(e: &etcd_client::Error) -> bool {
+    let text = match e {
+        etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::Unavailable => s.message().to_owned(),
+        etcd_client::Error::TransportError(t) => format!("{t:?}"),
+        _ => return false,
+    };
+    text.contains("tcp connect error") || text.contains("error trying to connect")
 }

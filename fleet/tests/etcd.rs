@@ -694,3 +694,33 @@ async fn over_client_tls_an_edge_with_its_certificate_syncs_and_one_without_is_r
     assert!(matches!(e, Err(Error::Unavailable { .. })), "{e:?}");
     b.shutdown().await;
 }
+
+/// A member that is down (here: a port nobody listens on, listed first)
+/// keeps its turn in the client's balance; requests given to it were never
+/// sent, so they go to the next member instead of failing the operator's
+/// write.
+#[tokio::test]
+async fn a_member_that_is_down_does_not_fail_requests() {
+    let etcd = Etcd::start().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_url = format!("http://{}", dead.local_addr().expect("addr"));
+    drop(dead);
+    let mut f = fleet(&etcd.url(), "/cg/");
+    f.etcd
+        .endpoints
+        .insert(0, cellgate_config::EtcdEndpoint::parse(&dead_url).expect("endpoint"));
+    let a = FleetStore::new(&f, "edge-a").expect("store");
+    first_drain(&a, "eu").await.expect("the first write");
+    for i in 0..20 {
+        let w = if i % 2 == 0 { 1.0 } else { 2.0 };
+        a.apply(
+            &Change::Weight { cell: eu(), weight: w },
+            Expect::Any,
+            &actor("edge-a"),
+            cellgate_fleet::now(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("write {i}: {e}"));
+        a.load().await.unwrap_or_else(|e| panic!("read {i}: {e}"));
+    }
+}

@@ -21,7 +21,7 @@ pub struct Process {
     pub child: Child,
     lines: Arc<Mutex<Vec<String>>>,
     rx: mpsc::UnboundedReceiver<String>,
-    reader: std::thread::JoinHandle<()>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Process {
@@ -47,7 +47,7 @@ impl Process {
             child,
             lines,
             rx,
-            reader,
+            reader: Some(reader),
         }
     }
 
@@ -94,25 +94,21 @@ impl Process {
             .status();
     }
 
-    /// Waits for the process to exit (off the runtime's threads) and for
-    /// its last lines; returns the exit status and every line.
-    pub async fn wait(self) -> (ExitStatus, Vec<String>) {
-        let Self {
-            mut child,
-            lines,
-            reader,
-            ..
-        } = self;
-        let status = tokio::task::spawn_blocking(move || {
-            let status = child.wait();
+    /// Waits for the process to exit and for its last lines; returns the
+    /// exit status and every line.
+    pub async fn wait(mut self) -> (ExitStatus, Vec<String>) {
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+                Err(e) => panic!("wait: {e}"),
+            }
+        };
+        if let Some(reader) = self.reader.take() {
             // The pipe closes with the process: the reader has every line.
-            let _ = reader.join();
-            status
-        })
-        .await
-        .unwrap_or_else(|e| panic!("wait: {e}"))
-        .unwrap_or_else(|e| panic!("wait: {e}"));
-        let lines = lines.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+        }
+        let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner()).clone();
         (status, lines)
     }
 
@@ -120,5 +116,14 @@ impl Process {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    /// A test that fails half-way leaves no process behind.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill();
+        }
     }
 }
