@@ -286,32 +286,9 @@ fn start_edge(cellgate: &Path, dir: &Path, i: usize, members: &[Member], cells: 
         .map(|m| format!("\"{}\"", m.url()))
         .collect::<Vec<_>>()
         .join(", ");
-    let mut config = format!(
+    let mut config = topo::edge_toml(&name, http, admin);
+    config += &format!(
         r#"
-[edge]
-name = "{name}"
-location = {{ lat = 50.11, lon = 8.68 }}
-
-[listeners]
-http = "127.0.0.1:{http}"
-admin = "127.0.0.1:{admin}"
-
-[sticky_secret]
-env = "CELLGATE_STICKY_SECRET"
-ephemeral_if_unset = true
-
-[health]
-kind = "http"
-path = "/healthz"
-interval = "200ms"
-timeout = "250ms"
-rise = 2
-fall = 3
-
-[proxy]
-connect_timeout = "250ms"
-read_timeout = "1s"
-
 [admin]
 tokens = [{{ name = "bench", file = "{dir}/admin.token" }}]
 state_file = "{dir}/{name}.state.json"

@@ -225,52 +225,25 @@ impl Topo {
     /// Writes the edge's config; `eu_capacity` lets the reload scenario make
     /// each reload a real change.
     pub fn write_config(&self, eu_capacity: f64) -> anyhow::Result<()> {
-        let mut c = format!(
-            r#"
-[edge]
-name = "edge-bench"
-location = {{ lat = 50.11, lon = 8.68 }}
-
-[listeners]
-http = "127.0.0.1:{http}"
-admin = "127.0.0.1:{admin}"
-
-[sticky_secret]
-env = "CELLGATE_STICKY_SECRET"
-ephemeral_if_unset = true
-
-[health]
-kind = "http"
-path = "/healthz"
-interval = "200ms"
-timeout = "250ms"
-rise = 2
-fall = 3
-
-[proxy]
-connect_timeout = "250ms"
-read_timeout = "1s"
-
+        let mut c = edge_toml("edge-bench", self.http, self.admin);
+        c += r#"
 [admin]
-tokens = [{{ name = "bench", env = "CELLGATE_ADMIN_TOKEN" }}]
+tokens = [{ name = "bench", env = "CELLGATE_ADMIN_TOKEN" }]
 
 [[services]]
 name = "app"
 hosts = ["app.bench.test"]
 cells = ["eu-west", "us-east", "ap-south"]
 policy = "geo"
-sticky = {{ cookie = "cg_app", ttl = "1h" }}
+sticky = { cookie = "cg_app", ttl = "1h" }
 
 [[services]]
 name = "api"
 hosts = ["api.bench.test"]
 cells = ["eu-west", "us-east", "ap-south"]
 policy = "latency"
-shard_key = {{ header = "x-tenant" }}
-"#,
-            http = self.http,
-            admin = self.admin
-        );
+shard_key = { header = "x-tenant" }
+"#;
         c.push_str(&cells_toml(&self.cells, eu_capacity, false));
         // Write then rename, so a reload never reads half a file.
         let tmp = self.dir.path().join("cellgate.toml.tmp");
@@ -379,4 +352,37 @@ shard_key = {{ header = "x-tenant" }}
             })
             .collect()
     }
+}
+
+/// The start of a bench edge's config, the same in every scenario: its
+/// name, HTTP and admin listeners on loopback, the sticky secret, health
+/// checks every 200 ms and short proxy timeouts.
+pub fn edge_toml(name: &str, http: u16, admin: u16) -> String {
+    format!(
+        r#"
+[edge]
+name = "{name}"
+location = {{ lat = 50.11, lon = 8.68 }}
+
+[listeners]
+http = "127.0.0.1:{http}"
+admin = "127.0.0.1:{admin}"
+
+[sticky_secret]
+env = "CELLGATE_STICKY_SECRET"
+ephemeral_if_unset = true
+
+[health]
+kind = "http"
+path = "/healthz"
+interval = "200ms"
+timeout = "250ms"
+rise = 2
+fall = 3
+
+[proxy]
+connect_timeout = "250ms"
+read_timeout = "1s"
+"#
+    )
 }
