@@ -409,17 +409,11 @@ impl AnswerCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{read, tests::query, Read};
-
-    fn opt(payload: u16, flags: u16, options: &[u8]) -> Vec<u8> {
-        let mut o = vec![0, 0, 41];
-        o.extend_from_slice(&payload.to_be_bytes());
-        o.extend_from_slice(&[0, 0]);
-        o.extend_from_slice(&flags.to_be_bytes());
-        o.extend_from_slice(&(options.len() as u16).to_be_bytes());
-        o.extend_from_slice(options);
-        o
-    }
+    use crate::wire::{
+        read,
+        tests::{opt, query},
+        Read,
+    };
 
     fn key(m: &[u8], src: &str) -> Option<Vec<u8>> {
         let Read::Query(q) = read(m) else { return None };

@@ -838,7 +838,8 @@ pub(crate) mod tests {
 
     const NAME: &[u8] = b"\x03App\x07Example\x04test\x00";
 
-    fn opt(payload: u16, flags: u16, options: &[u8]) -> Vec<u8> {
+    /// An OPT record: `payload` size, `flags` (DO is 0x8000), `options`.
+    pub(crate) fn opt(payload: u16, flags: u16, options: &[u8]) -> Vec<u8> {
         let mut o = vec![0, 0, 41];
         o.extend_from_slice(&payload.to_be_bytes());
         o.extend_from_slice(&[0, 0]);
