@@ -16,7 +16,14 @@
 //! - records what it answered in the shared [`ConnState`], for the
 //!   connection loop to log and count.
 //!
-//! Once busy it is a pass-through: one atomic load per read or write.
+//! Once busy it is a pass-through for reads (one atomic load per read)
+//! and a small write buffer: pingora writes a response's head and a short
+//! body as separate writes and flushes when it needs the bytes out, relying
+//! on the 1460-byte write buffer its own listeners give every connection.
+//! That buffer is set by a crate-private call cellgate's accept loop cannot
+//! make, so this wrapper buffers instead: one send per small response, not
+//! one per write (the bare-pingora bench showed 3 sends per request against
+//! 2).
 
 use std::{
     future::Future,
@@ -166,6 +173,12 @@ enum Phase {
 /// request head; the rest comes through pingora's own reads).
 const HELD: usize = 1024;
 
+/// Writes up to this size are gathered until pingora flushes (or the next
+/// write would overflow); larger ones go straight to the socket. A typical
+/// response head plus a small body fits. The buffer is freed between
+/// requests.
+const WRITE_BUF: usize = 4096;
+
 /// Longest request line kept for the access log.
 const LINE_KEPT: usize = 256;
 /// How long a connection we answered ourselves is drained before it is
@@ -212,6 +225,10 @@ pub(crate) struct ConnIo {
     /// itself, now or later. Kept for the connection's life (see
     /// [`ConnIo::pingora_may_hold_input`]).
     past_head: bool,
+    /// Written but not yet sent (see [`WRITE_BUF`]), and how much of it has
+    /// been sent.
+    wbuf: Vec<u8>,
+    wsent: usize,
 }
 
 /// Closing a connection we answered ourselves.
@@ -261,6 +278,8 @@ impl ConnIo {
             held: Vec::new(),
             held_at: 0,
             past_head: false,
+            wbuf: Vec::new(),
+            wsent: 0,
         }
     }
 
@@ -282,6 +301,12 @@ impl ConnIo {
         self.out = None;
         self.answered = false;
         self.linger = Linger::No;
+        if self.wbuf.is_empty() {
+            // An idle connection keeps no write buffer. (pingora flushes a
+            // response before the connection is reused; anything left
+            // would still go out first on the next write or flush.)
+            self.wbuf = Vec::new();
+        }
         self.st.busy.store(false, Ordering::Relaxed);
     }
 
@@ -397,6 +422,37 @@ impl ConnIo {
         self.answered = true;
         self.out = Some((canned(early.status), 0));
         self.st.set_early(early, &self.line);
+    }
+
+    /// Sends what the write buffer holds.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.wsent < self.wbuf.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &self.wbuf[self.wsent..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => self.wsent += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.wbuf.clear();
+        self.wsent = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Whether `len` more bytes go into the write buffer (after sending
+    /// what it holds, when they would not fit); `Pending` while that send
+    /// is.
+    fn poll_buffer(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<bool>> {
+        if self.wbuf.len() + len > WRITE_BUF {
+            std::task::ready!(self.poll_drain(cx))?;
+        }
+        if len >= WRITE_BUF {
+            return Poll::Ready(Ok(false));
+        }
+        if self.wbuf.capacity() == 0 {
+            self.wbuf.reserve_exact(WRITE_BUF);
+        }
+        Poll::Ready(Ok(true))
     }
 
     /// Writes what is left of our own answer.
@@ -519,6 +575,10 @@ impl AsyncWrite for ConnIo {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let me = &mut *self;
         if me.busy() {
+            if std::task::ready!(me.poll_buffer(cx, buf.len()))? {
+                me.wbuf.extend_from_slice(buf);
+                return Poll::Ready(Ok(buf.len()));
+            }
             return Pin::new(&mut me.inner).poll_write(cx, buf);
         }
         // pingora answering on its own: keep the status line, drop the rest.
@@ -534,6 +594,13 @@ impl AsyncWrite for ConnIo {
     ) -> Poll<io::Result<usize>> {
         let me = &mut *self;
         if me.busy() {
+            let len = bufs.iter().map(|b| b.len()).sum();
+            if std::task::ready!(me.poll_buffer(cx, len))? {
+                for b in bufs {
+                    me.wbuf.extend_from_slice(b);
+                }
+                return Poll::Ready(Ok(len));
+            }
             return Pin::new(&mut me.inner).poll_write_vectored(cx, bufs);
         }
         let mut n = 0;
@@ -551,6 +618,7 @@ impl AsyncWrite for ConnIo {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let me = &mut *self;
+        std::task::ready!(me.poll_drain(cx))?;
         if !me.busy() && !me.answered {
             if let Some(status) = status_of(&me.swallowed) {
                 // A limit we saw wins over pingora's generic 400.
@@ -567,6 +635,7 @@ impl AsyncWrite for ConnIo {
         // pingora closes a connection whose head it could not read (our
         // 408 and 431 among them) through here.
         let me = &mut *self;
+        std::task::ready!(me.poll_drain(cx))?;
         if !me.busy() && !me.answered {
             let status = status_of(&me.swallowed);
             me.answer(status);
@@ -621,6 +690,16 @@ impl ConnIo {
                 }
                 Linger::Done => return Poll::Ready(Ok(())),
             }
+        }
+    }
+}
+
+impl Drop for ConnIo {
+    fn drop(&mut self) {
+        // As pingora's own stream does: a last try, without waiting, to
+        // send what was written but never flushed.
+        if self.wsent < self.wbuf.len() {
+            let _ = self.poll_drain(&mut Context::from_waker(std::task::Waker::noop()));
         }
     }
 }
