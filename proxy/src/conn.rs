@@ -764,6 +764,82 @@ impl Peek for ConnIo {
 mod tests {
     use super::*;
 
+    /// A busy `ConnIo` over a real loopback connection, and the peer.
+    async fn busy_pair() -> (ConnIo, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let stream: Stream = Box::new(pingora::protocols::l4::stream::Stream::from(server));
+        let limits = Arc::new(HeadLimits {
+            header_timeout: Duration::from_secs(5),
+            max_bytes: 8192,
+            max_headers: 100,
+        });
+        let st = Arc::new(ConnState::default());
+        st.busy.store(true, Ordering::Relaxed);
+        let io = ConnIo::new(stream, st, limits, Instant::now() + Duration::from_secs(5));
+        (io, client)
+    }
+
+    /// What the peer can read within `wait`.
+    async fn readable(peer: &mut tokio::net::TcpStream, wait: Duration) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 16384];
+        while let Ok(Ok(n)) = tokio::time::timeout(wait, peer.read(&mut buf)).await {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn small_writes_wait_for_the_flush_and_go_out_in_order() {
+        use tokio::io::AsyncWriteExt;
+        let (mut io, mut peer) = busy_pair().await;
+        io.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n")
+            .await
+            .expect("head");
+        io.write_all(b"body").await.expect("body");
+        assert!(
+            readable(&mut peer, Duration::from_millis(100)).await.is_empty(),
+            "nothing is sent before the flush"
+        );
+        io.flush().await.expect("flush");
+        let got = readable(&mut peer, Duration::from_millis(200)).await;
+        assert_eq!(got, b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nbody");
+        // Between requests the buffer is given back.
+        assert!(io.wbuf.capacity() > 0);
+        io.next_request(Duration::from_secs(5));
+        assert_eq!(io.wbuf.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_large_write_sends_what_was_buffered_first() {
+        use tokio::io::AsyncWriteExt;
+        let (mut io, mut peer) = busy_pair().await;
+        io.write_all(b"head:").await.expect("head");
+        let big = vec![b'x'; WRITE_BUF * 2];
+        io.write_all(&big).await.expect("big");
+        io.flush().await.expect("flush");
+        let got = readable(&mut peer, Duration::from_millis(200)).await;
+        assert_eq!(got.len(), 5 + big.len());
+        assert!(got.starts_with(b"head:x"));
+        // Vectored writes keep the order as well.
+        io.write_all(b"a").await.expect("a");
+        let n = io
+            .write_vectored(&[io::IoSlice::new(b"bc"), io::IoSlice::new(b"d")])
+            .await
+            .expect("vectored");
+        assert_eq!(n, 3);
+        AsyncWriteExt::shutdown(&mut io).await.expect("shutdown flushes");
+        assert_eq!(readable(&mut peer, Duration::from_millis(200)).await, b"abcd");
+    }
+
     #[test]
     fn canned_answers_are_complete_http_responses() {
         let r = canned(431);

@@ -444,11 +444,9 @@ impl ProxyHttp for CellProxy {
     }
 
     fn init_downstream_modules(&self, modules: &mut HttpModules) {
-        // pingora's default (response compression, off) plus HTTP/1.0
-        // framing.
-        modules.add_module(pingora::modules::http::compression::ResponseCompressionBuilder::enable(
-            0,
-        ));
+        // HTTP/1.0 framing only. pingora's default adds its response
+        // compression module, disabled; cellgate never enables it, and each
+        // module costs every request a context and a call per filter.
         modules.add_module(Box::new(Http10FramingBuilder));
     }
 
