@@ -200,7 +200,12 @@ const FORWARDING: [http::HeaderName; 5] = [
     http::HeaderName::from_static("x-forwarded-port"),
     header::VIA,
 ];
-const X_FORWARDED_HOST: http::HeaderName = http::HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_HOST: http::HeaderName = http::HeaderName::from_static(X_FORWARDED_HOST_STR);
+/// Names added on every request are inserted as `&'static str`: pingora
+/// copies the wire name of a `HeaderName` it has no title case for into a
+/// new buffer on every insert, but takes a static string as it is.
+const X_FORWARDED_HOST_STR: &str = "x-forwarded-host";
+const VIA: &str = "via";
 
 fn http_error(status: u16, why: String) -> Box<Error> {
     Error::explain(ErrorType::HTTPStatus(status), why)
@@ -625,11 +630,11 @@ impl ProxyHttp for CellProxy {
                     .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
             });
             if let Some(h) = host {
-                upstream.insert_header(X_FORWARDED_HOST, h)?;
+                upstream.insert_header(X_FORWARDED_HOST_STR, h)?;
             }
         }
         if let Some(v) = self.via(session.req_header().version) {
-            upstream.append_header(header::VIA, v.clone())?;
+            upstream.append_header(VIA, v.clone())?;
         }
         if ctx.upgrade_body_held {
             // The body the cell expects before its `101`: none.
@@ -721,7 +726,7 @@ impl ProxyHttp for CellProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let Some(v) = self.via(resp.version) {
-            resp.append_header(header::VIA, v.clone())?;
+            resp.append_header(VIA, v.clone())?;
         }
         if ctx.upgrade_body_held && resp.status != http::StatusCode::SWITCHING_PROTOCOLS {
             // A refused upgrade: the request "body" held open for the

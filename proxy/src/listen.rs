@@ -295,6 +295,10 @@ async fn http1_connection(
     let st = Arc::new(ConnState::default());
     let mut io = Box::new(ConnIo::new(stream, st.clone(), ctx.head.clone(), deadline));
     let mut persisted = None;
+    // One wait for the idle close for the connection's life: registered
+    // once, not once per request.
+    let idle_closed = idle_close.cancelled();
+    tokio::pin!(idle_closed);
     loop {
         let mut session = ServerSession::new_http1(io);
         if let Some(p) = persisted.take() {
@@ -324,7 +328,7 @@ async fn http1_connection(
         if !pingora_has_it {
             let arrived = tokio::select! {
                 arrived = next.wait_for_request() => arrived,
-                _ = idle_close.cancelled() => false,
+                () = &mut idle_closed => false,
             };
             if !arrived {
                 if let Some((early, line)) = st.take_early() {
