@@ -336,19 +336,13 @@ impl ConnIo {
         // Read what comes (a whole head, usually) in the one read pingora
         // would have made; pingora's first read takes it from here, and the
         // buffer is freed once it has.
-        let mut held = vec![0u8; HELD];
-        let read = std::future::poll_fn(|cx| {
-            let mut buf = ReadBuf::new(&mut held);
-            Pin::new(&mut *self)
-                .poll_read(cx, &mut buf)
-                .map_ok(|()| buf.filled().len())
-        })
-        .await;
+        // Into spare capacity: nothing to zero first.
+        let mut held = Vec::with_capacity(HELD);
+        let read = tokio::io::AsyncReadExt::read_buf(self, &mut held).await;
         // An error (the keep-alive timeout included) ends the connection
         // as nothing read does.
         let n = read.unwrap_or_default();
         if n > 0 {
-            held.truncate(n);
             self.held = held;
             self.held_at = 0;
         }
@@ -371,30 +365,41 @@ impl ConnIo {
             self.past_head |= !new.is_empty();
             return Ok(());
         }
-        for (i, &b) in new.iter().enumerate() {
-            if self.head_lines == 0 && self.line.len() < LINE_KEPT && b != b'\r' && b != b'\n' {
-                self.line.push(b);
+        // Line by line (memchr finds each end): a line of nothing but
+        // `\r` that starts a line ends the head.
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'\n', new) {
+            let line = &new[start..end];
+            self.keep(line);
+            if self.line_start && line.iter().all(|&b| b == b'\r') {
+                // An empty line: the head ends here (leading empty
+                // lines before a request line end the count early,
+                // which only leaves the proxy's own check).
+                self.head_bytes += end + 1;
+                self.head_done = true;
+                self.past_head |= end + 1 < new.len();
+                return self.check();
             }
-            match b {
-                b'\n' if self.line_start => {
-                    // An empty line: the head ends here (leading empty
-                    // lines before a request line end the count early,
-                    // which only leaves the proxy's own check).
-                    self.head_bytes += i + 1;
-                    self.head_done = true;
-                    self.past_head |= i + 1 < new.len();
-                    return self.check();
-                }
-                b'\n' => {
-                    self.head_lines += 1;
-                    self.line_start = true;
-                }
-                b'\r' => {}
-                _ => self.line_start = false,
-            }
+            self.head_lines += 1;
+            self.line_start = true;
+            start = end + 1;
         }
+        let rest = &new[start..];
+        self.keep(rest);
+        self.line_start &= rest.iter().all(|&b| b == b'\r');
         self.head_bytes += new.len();
         self.check()
+    }
+
+    /// Keeps the first line's bytes (for the access line of a request
+    /// cellgate answers itself), `\r` left out, up to `LINE_KEPT`.
+    fn keep(&mut self, bytes: &[u8]) {
+        if self.head_lines > 0 {
+            return;
+        }
+        let room = LINE_KEPT.saturating_sub(self.line.len());
+        self.line
+            .extend(bytes.iter().copied().filter(|&b| b != b'\r').take(room));
     }
 
     fn check(&self) -> Result<(), Refusal> {
@@ -795,6 +800,97 @@ mod tests {
             got.extend_from_slice(&buf[..n]);
         }
         got
+    }
+
+    /// The head scan as it was written first, a byte at a time: the
+    /// reference the line-by-line scan must agree with.
+    #[derive(Debug, PartialEq)]
+    struct ByteScan {
+        bytes: usize,
+        lines: usize,
+        line_start: bool,
+        done: bool,
+        past: bool,
+        line: Vec<u8>,
+    }
+
+    impl ByteScan {
+        fn scan(&mut self, new: &[u8]) {
+            if self.done {
+                self.past |= !new.is_empty();
+                return;
+            }
+            for (i, &b) in new.iter().enumerate() {
+                if self.lines == 0 && self.line.len() < LINE_KEPT && b != b'\r' && b != b'\n' {
+                    self.line.push(b);
+                }
+                match b {
+                    b'\n' if self.line_start => {
+                        self.bytes += i + 1;
+                        self.done = true;
+                        self.past |= i + 1 < new.len();
+                        return;
+                    }
+                    b'\n' => {
+                        self.lines += 1;
+                        self.line_start = true;
+                    }
+                    b'\r' => {}
+                    _ => self.line_start = false,
+                }
+            }
+            self.bytes += new.len();
+        }
+    }
+
+    #[test]
+    fn the_head_scan_agrees_with_a_byte_at_a_time() {
+        use proptest::{collection::vec, prelude::*, test_runner::TestRunner};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (io, _peer) = rt.block_on(busy_pair());
+        let io = std::cell::RefCell::new(io);
+        // Heads of `a`, spaces, CR and LF (long first lines too), cut
+        // into reads anywhere.
+        let byte = prop_oneof![Just(b'a'), Just(b' '), Just(b'\r'), Just(b'\n')];
+        let head = vec(byte, 0..400);
+        let cuts = vec(0usize..400, 0..6);
+        let mut runner = TestRunner::default();
+        let result = runner.run(&(head, cuts), |(head, mut cuts)| {
+            let mut io = io.borrow_mut();
+            io.next_request(Duration::from_secs(5));
+            io.past_head = false;
+            let mut reference = ByteScan {
+                bytes: 0,
+                lines: 0,
+                line_start: true,
+                done: false,
+                past: false,
+                line: Vec::new(),
+            };
+            cuts.push(head.len());
+            cuts.sort_unstable();
+            let mut from = 0;
+            for cut in cuts.into_iter().map(|c| c.min(head.len())) {
+                let chunk = &head[from..cut];
+                from = cut;
+                let _ = io.scan(chunk);
+                reference.scan(chunk);
+                let ours = ByteScan {
+                    bytes: io.head_bytes,
+                    lines: io.head_lines,
+                    line_start: io.line_start,
+                    done: io.head_done,
+                    past: io.past_head,
+                    line: io.line.clone(),
+                };
+                prop_assert_eq!(&ours, &reference);
+            }
+            Ok(())
+        });
+        result.expect("the scans agree");
     }
 
     #[tokio::test]

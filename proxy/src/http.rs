@@ -228,10 +228,34 @@ struct IpText {
 impl IpText {
     fn new(ip: IpAddr) -> Self {
         let mut buf = [0u8; 46];
-        let len = {
-            let mut w = &mut buf[..];
-            let _ = write!(w, "{ip}");
-            46 - w.len()
+        let len = match ip {
+            // A dotted quad by hand: `Display` goes through the formatting
+            // machinery, a fifth of the cost of the request filter.
+            IpAddr::V4(v4) => {
+                let mut n = 0;
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        buf[n] = b'.';
+                        n += 1;
+                    }
+                    if octet >= 100 {
+                        buf[n] = b'0' + octet / 100;
+                        n += 1;
+                    }
+                    if octet >= 10 {
+                        buf[n] = b'0' + octet / 10 % 10;
+                        n += 1;
+                    }
+                    buf[n] = b'0' + octet % 10;
+                    n += 1;
+                }
+                n
+            }
+            IpAddr::V6(_) => {
+                let mut w = &mut buf[..];
+                let _ = write!(w, "{ip}");
+                46 - w.len()
+            }
         };
         Self { buf, len }
     }
@@ -286,7 +310,10 @@ impl CellProxy {
             .get_header(http::header::COOKIE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        let addr_text = client_ip.map(IpText::new);
+        let addr_text = match &spec.shard_key {
+            Some(ShardKeySource::ClientAddr) => client_ip.map(IpText::new),
+            _ => None,
+        };
         let shard_key = match &spec.shard_key {
             None => None,
             Some(ShardKeySource::Header(h)) => session.get_header(h.as_str()).and_then(|v| v.to_str().ok()),
@@ -615,7 +642,9 @@ impl ProxyHttp for CellProxy {
                 upstream.insert_header(header::CONTENT_LENGTH, one)?;
             }
         }
-        if !trusted {
+        // One pass over the names tells whether there is anything to strip
+        // (there seldom is): cheaper than a lookup per forwarding name.
+        if !trusted && upstream.headers.keys().any(|n| FORWARDING.contains(n)) {
             for h in &FORWARDING {
                 upstream.remove_header(h);
             }
@@ -949,6 +978,40 @@ impl<T: std::fmt::Display> std::fmt::Display for OrDash<T> {
         match &self.0 {
             Some(v) => v.fmt(f),
             None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use proptest::prelude::*;
+
+    use super::IpText;
+
+    proptest! {
+        #[test]
+        fn ip_text_is_display(v4 in any::<u32>(), v6 in any::<u128>()) {
+            for ip in [IpAddr::V4(Ipv4Addr::from(v4)), IpAddr::V6(Ipv6Addr::from(v6))] {
+                let text = IpText::new(ip);
+                prop_assert_eq!(text.as_str(), ip.to_string());
+            }
+        }
+    }
+
+    #[test]
+    fn ip_text_edges() {
+        for s in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.0.9.100",
+            "1.20.199.0",
+            "::",
+            "::ffff:1.2.3.4",
+        ] {
+            let ip: IpAddr = s.parse().expect("an address");
+            assert_eq!(IpText::new(ip).as_str(), s);
         }
     }
 }
