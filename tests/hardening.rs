@@ -207,6 +207,49 @@ async fn an_h2_client_that_does_not_answer_pings_is_closed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_that_answers_pings_keeps_being_pinged_and_stays_connected() {
+    let cells = SimCells::three().await;
+    let edge = TestEdge::start(&topology(&cells, |r| {
+        r.proxy.h2_idle_timeout = Some("60s".into());
+        r.proxy.h2_ping_interval = Some("100ms".into());
+        r.proxy.h2_ping_timeout = Some("300ms".into());
+    }))
+    .await;
+    let mut s = TcpStream::connect(edge.http()).await.expect("connect");
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .expect("preface");
+    // Every PING answered at once: the next one must still come, and the
+    // connection must outlive several PONG deadlines.
+    let answered = async {
+        let mut pings = 0;
+        while let Some((kind, flags, payload)) = read_frame(&mut s).await {
+            match (kind, flags & 1) {
+                (4, 0) => s.write_all(b"\0\0\0\x04\x01\0\0\0\0").await.expect("settings ack"),
+                (6, 0) => {
+                    pings += 1;
+                    if pings == 6 {
+                        return true;
+                    }
+                    let mut ack = b"\0\0\x08\x06\x01\0\0\0\0".to_vec();
+                    ack.extend_from_slice(&payload);
+                    s.write_all(&ack).await.expect("ping ack");
+                }
+                (7, _) => return false,
+                _ => {}
+            }
+        }
+        false
+    };
+    let kept = tokio::time::timeout(PATIENCE, answered)
+        .await
+        .expect("fewer than six PINGs came in time");
+    assert!(kept, "a client answering every PING was sent GOAWAY or closed");
+    assert_eq!(edge.metric(r#"cellgate_client_timeouts_total{kind="h2_ping"}"#), 0.0);
+    assert_eq!(edge.metric(r#"cellgate_client_timeouts_total{kind="h2_idle"}"#), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_connections_over_the_cap_are_closed_and_counted() {
     let cells = SimCells::three().await;
     let edge = TestEdge::start(&topology(&cells, |r| r.proxy.max_client_connections = Some(2))).await;

@@ -394,7 +394,7 @@ impl Drop for StreamGuard {
 
 /// HTTP/2: cellgate's own accept loop (pingora's has no PING and no
 /// handshake deadline). The handshake must be over by `deadline`.
-async fn h2_connection(ctx: &Ctx, stream: Stream, deadline: Instant, mut shutdown: ShutdownWatch) {
+async fn h2_connection(ctx: &Ctx, stream: Stream, deadline: Instant, shutdown: ShutdownWatch) {
     let edge = ctx.snapshots.load_full().edge.clone();
     let digest = Arc::new(Digest {
         ssl_digest: stream.get_ssl_digest(),
@@ -426,11 +426,30 @@ async fn h2_connection(ctx: &Ctx, stream: Stream, deadline: Instant, mut shutdow
     let mut idle_until = Some(Instant::now() + ctx.h2_idle);
     let mut rejected = 0usize;
     let mut draining = false;
-    let far = || Instant::now() + Duration::from_secs(86_400);
+    // The futures that wait across streams live as long as the connection:
+    // made anew for every stream, each would register and deregister a
+    // waiter (a lock each) per request. One timer serves the idle, PING and
+    // PONG deadlines, moved only when the nearest one changes.
+    let mut shutdown_rx = shutdown.clone();
+    let shutdown_changed = async move {
+        let _ = shutdown_rx.changed().await;
+    };
+    tokio::pin!(shutdown_changed);
+    let idle_notified = active.idle.notified();
+    tokio::pin!(idle_notified);
+    let timer = tokio::time::sleep_until(Instant::now() + Duration::from_secs(86_400));
+    tokio::pin!(timer);
+    let mut timer_at = None;
     loop {
+        // While a PONG is awaited no PING is due.
+        let due = [idle_until, pong_due.or(next_ping)].into_iter().flatten().min();
+        if let Some(at) = due.filter(|at| timer_at != Some(*at)) {
+            timer.as_mut().reset(at);
+            timer_at = Some(at);
+        }
         tokio::select! {
             biased;
-            _ = shutdown.changed(), if !draining => {
+            _ = &mut shutdown_changed, if !draining => {
                 conn.graceful_shutdown();
                 draining = true;
             }
@@ -479,27 +498,10 @@ async fn h2_connection(ctx: &Ctx, stream: Stream, deadline: Instant, mut shutdow
                     return;
                 }
             },
-            _ = active.idle.notified() => {
+            () = &mut idle_notified => {
+                idle_notified.set(active.idle.notified());
                 if active.count.load(Ordering::Acquire) == 0 {
                     idle_until = Some(Instant::now() + ctx.h2_idle);
-                }
-            }
-            _ = tokio::time::sleep_until(idle_until.unwrap_or_else(far)), if idle_until.is_some() => {
-                if active.count.load(Ordering::Acquire) == 0 {
-                    edge.client_timeout(client_timeout::H2_IDLE).increment(1);
-                    tracing::debug!(listener = ctx.name, "h2 connection idle past proxy.h2_idle_timeout: closed");
-                    conn.graceful_shutdown();
-                    close_h2(&mut conn).await;
-                    return;
-                }
-                idle_until = None;
-            }
-            _ = tokio::time::sleep_until(next_ping.unwrap_or_else(far)), if next_ping.is_some() && pong_due.is_none() => {
-                next_ping = ping_every.map(|d| Instant::now() + d);
-                if let Some(p) = pings.as_mut() {
-                    if p.send_ping(h2::Ping::opaque()).is_ok() {
-                        pong_due = Some(Instant::now() + ctx.h2_ping_timeout);
-                    }
                 }
             }
             pong = std::future::poll_fn(|cx| match pings.as_mut() {
@@ -511,10 +513,32 @@ async fn h2_connection(ctx: &Ctx, stream: Stream, deadline: Instant, mut shutdow
                     return;
                 }
             }
-            _ = tokio::time::sleep_until(pong_due.unwrap_or_else(far)), if pong_due.is_some() => {
-                edge.client_timeout(client_timeout::H2_PING).increment(1);
-                tracing::debug!(listener = ctx.name, "h2 client did not answer a PING within proxy.h2_ping_timeout: closed");
-                return;
+            () = &mut timer, if due.is_some() => {
+                let now = Instant::now();
+                timer_at = None;
+                if pong_due.is_some_and(|at| at <= now) {
+                    edge.client_timeout(client_timeout::H2_PING).increment(1);
+                    tracing::debug!(listener = ctx.name, "h2 client did not answer a PING within proxy.h2_ping_timeout: closed");
+                    return;
+                }
+                if idle_until.is_some_and(|at| at <= now) {
+                    if active.count.load(Ordering::Acquire) == 0 {
+                        edge.client_timeout(client_timeout::H2_IDLE).increment(1);
+                        tracing::debug!(listener = ctx.name, "h2 connection idle past proxy.h2_idle_timeout: closed");
+                        conn.graceful_shutdown();
+                        close_h2(&mut conn).await;
+                        return;
+                    }
+                    idle_until = None;
+                }
+                if pong_due.is_none() && next_ping.is_some_and(|at| at <= now) {
+                    next_ping = ping_every.map(|d| now + d);
+                    if let Some(p) = pings.as_mut() {
+                        if p.send_ping(h2::Ping::opaque()).is_ok() {
+                            pong_due = Some(now + ctx.h2_ping_timeout);
+                        }
+                    }
+                }
             }
         }
     }
