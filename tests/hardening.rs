@@ -172,21 +172,28 @@ async fn read_frame(s: &mut TcpStream) -> Option<(u8, u8, Vec<u8>)> {
     Some((h[3], h[4], payload))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_h2_client_that_does_not_answer_pings_is_closed() {
-    let cells = SimCells::three().await;
-    let edge = TestEdge::start(&topology(&cells, |r| {
+/// An edge that PINGs h2 clients every `interval` (a PONG due within
+/// 300 ms, idle timeout 60 s), and an h2c connection to it opened by hand:
+/// the preface and an empty SETTINGS sent.
+async fn pinging_edge_and_h2c(cells: &SimCells, interval: &str) -> (TestEdge, TcpStream) {
+    let edge = TestEdge::start(&topology(cells, |r| {
         r.proxy.h2_idle_timeout = Some("60s".into());
-        r.proxy.h2_ping_interval = Some("200ms".into());
+        r.proxy.h2_ping_interval = Some(interval.into());
         r.proxy.h2_ping_timeout = Some("300ms".into());
     }))
     .await;
-    // h2c with prior knowledge, by hand: preface, empty SETTINGS, then
-    // acknowledge the server's SETTINGS but never a PING.
     let mut s = TcpStream::connect(edge.http()).await.expect("connect");
     s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
         .await
         .expect("preface");
+    (edge, s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_that_does_not_answer_pings_is_closed() {
+    let cells = SimCells::three().await;
+    // Acknowledge the server's SETTINGS but never a PING.
+    let (edge, mut s) = pinging_edge_and_h2c(&cells, "200ms").await;
     let mut pinged = false;
     let closed = async {
         while let Some((kind, flags, _)) = read_frame(&mut s).await {
@@ -209,16 +216,7 @@ async fn an_h2_client_that_does_not_answer_pings_is_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_client_that_answers_pings_keeps_being_pinged_and_stays_connected() {
     let cells = SimCells::three().await;
-    let edge = TestEdge::start(&topology(&cells, |r| {
-        r.proxy.h2_idle_timeout = Some("60s".into());
-        r.proxy.h2_ping_interval = Some("100ms".into());
-        r.proxy.h2_ping_timeout = Some("300ms".into());
-    }))
-    .await;
-    let mut s = TcpStream::connect(edge.http()).await.expect("connect");
-    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
-        .await
-        .expect("preface");
+    let (edge, mut s) = pinging_edge_and_h2c(&cells, "100ms").await;
     // Every PING answered at once: the next one must still come, and the
     // connection must outlive several PONG deadlines.
     let answered = async {
