@@ -11,6 +11,10 @@
 //! `alloc-jemalloc` features of this crate mirror those of the `cellgate`
 //! package, and `bench/proxy/run` builds both with the same one.
 //!
+//! With `--timeouts` it also sets the upstream timeouts cellgate sets by
+//! default (connect, read, pooled-idle): the floor of a pingora configured
+//! for production rather than of a bare one.
+//!
 //! TLS is rustls (ring), TLS 1.2 and 1.3, offering h2 and HTTP/1.1, as on
 //! cellgate's `[listeners] https`. Loopback addresses only.
 
@@ -32,6 +36,7 @@ use std::{
     path::PathBuf,
     process::ExitCode,
     sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
 };
 
 use async_trait::async_trait;
@@ -63,6 +68,11 @@ struct Cli {
     /// Worker threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Set the upstream timeouts a production proxy sets, with cellgate's
+    /// defaults (connect 1 s, read 10 s, pooled-idle 60 s). Without it the
+    /// peer has none, as a 30-line `ProxyHttp` would.
+    #[arg(long)]
+    timeouts: bool,
 }
 
 /// Picks the next upstream; that is all.
@@ -70,6 +80,7 @@ struct Cli {
 struct RoundRobin {
     upstreams: Vec<SocketAddr>,
     next: AtomicUsize,
+    timeouts: bool,
 }
 
 #[async_trait]
@@ -80,7 +91,15 @@ impl ProxyHttp for RoundRobin {
 
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.upstreams.len();
-        Ok(Box::new(HttpPeer::new(self.upstreams[i], false, String::new())))
+        let mut peer = HttpPeer::new(self.upstreams[i], false, String::new());
+        if self.timeouts {
+            // cellgate's `[proxy]` defaults, set where cellgate sets them.
+            peer.options.connection_timeout = Some(Duration::from_secs(1));
+            peer.options.total_connection_timeout = Some(Duration::from_secs(1));
+            peer.options.read_timeout = Some(Duration::from_secs(10));
+            peer.options.idle_timeout = Some(Duration::from_secs(60));
+        }
+        Ok(Box::new(peer))
     }
 }
 
@@ -121,6 +140,7 @@ fn main() -> ExitCode {
         RoundRobin {
             upstreams: cli.upstream,
             next: AtomicUsize::new(0),
+            timeouts: cli.timeouts,
         },
     );
     if let Some(app) = service.app_logic_mut() {
