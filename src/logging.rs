@@ -255,7 +255,7 @@ where
     let base = fmt::layer().with_writer(writer).with_ansi(ansi);
     match format {
         Format::Text => base.event_format(TextLines::default()).boxed(),
-        Format::Json => base.json().boxed(),
+        Format::Json => base.json().event_format(JsonLines::default()).boxed(),
     }
 }
 
@@ -353,21 +353,9 @@ impl tracing::field::Visit for AccessFields<'_, '_> {
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        if !self.name(field) {
-            return;
+        if self.name(field) {
+            self.result = write_u64(self.w, value);
         }
-        let mut digits = [0u8; 20];
-        let mut at = digits.len();
-        let mut v = value;
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (v % 10) as u8;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        self.result = self.w.write_str(std::str::from_utf8(&digits[at..]).unwrap_or("0"));
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
@@ -390,6 +378,204 @@ impl tracing::field::Visit for AccessFields<'_, '_> {
             self.result = write!(self.w, "{value:?}");
         }
     }
+}
+
+/// `value` in decimal, without the formatting machinery.
+fn write_u64(w: &mut Writer<'_>, value: u64) -> std::fmt::Result {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut v = value;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    w.write_str(std::str::from_utf8(&digits[at..]).unwrap_or("0"))
+}
+
+/// tracing-subscriber's JSON lines, with the access line written by hand
+/// as the text one is: the same bytes (`timestamp`, `level`, `fields` in
+/// the order they were recorded, `target`), for a fraction of the
+/// instructions. Lines inside a span (which carry `span` and `spans`) or
+/// of another kind go to the general formatter.
+#[derive(Debug)]
+struct JsonLines {
+    full: fmt::format::Format<fmt::format::Json>,
+}
+
+impl Default for JsonLines {
+    fn default() -> Self {
+        Self {
+            full: fmt::format().json(),
+        }
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for JsonLines
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> std::fmt::Result {
+        let meta = event.metadata();
+        if meta.target() != ACCESS
+            || *meta.level() != Level::INFO
+            // As the JSON formatter finds the span it would write.
+            || event
+                .parent()
+                .and_then(|id| ctx.span(id))
+                .or_else(|| ctx.lookup_current())
+                .is_some()
+        {
+            return self.full.format_event(ctx, writer, event);
+        }
+        write!(
+            writer,
+            "{{\"timestamp\":\"{}\",\"level\":\"INFO\",\"fields\":{{",
+            humantime::format_rfc3339_micros(std::time::SystemTime::now())
+        )?;
+        let mut fields = JsonFieldsOut {
+            w: &mut writer,
+            first: true,
+            result: Ok(()),
+        };
+        event.record(&mut fields);
+        fields.result?;
+        writer.write_str("},\"target\":\"cellgate::access\"}\n")
+    }
+}
+
+/// Writes an event's fields as `"name":value` pairs, as tracing-serde
+/// serializes them through serde_json: strings and `Debug` values as JSON
+/// strings, integers and booleans as they are, floats as serde_json
+/// writes them (`null` when not finite).
+struct JsonFieldsOut<'a, 'w> {
+    w: &'a mut Writer<'w>,
+    first: bool,
+    result: std::fmt::Result,
+}
+
+impl JsonFieldsOut<'_, '_> {
+    /// The separator and `"name":`; `false` when writing already failed.
+    fn name(&mut self, field: &Field) -> bool {
+        if self.result.is_err() {
+            return false;
+        }
+        let sep = if std::mem::take(&mut self.first) { "\"" } else { ",\"" };
+        self.result = self
+            .w
+            .write_str(sep)
+            .and_then(|()| json_escape(self.w, field.name()))
+            .and_then(|()| self.w.write_str("\":"));
+        self.result.is_ok()
+    }
+}
+
+impl tracing::field::Visit for JsonFieldsOut<'_, '_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if self.name(field) {
+            self.result = self
+                .w
+                .write_char('"')
+                .and_then(|()| json_escape(self.w, value))
+                .and_then(|()| self.w.write_char('"'));
+        }
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if self.name(field) {
+            self.result = write_u64(self.w, value);
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if self.name(field) {
+            let sign = if value < 0 { "-" } else { "" };
+            self.result = self
+                .w
+                .write_str(sign)
+                .and_then(|()| write_u64(self.w, value.unsigned_abs()));
+        }
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if self.name(field) {
+            self.result = self.w.write_str(if value { "true" } else { "false" });
+        }
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        if self.name(field) {
+            self.result = if value.is_finite() {
+                // serde_json's own float format (shortest round trip,
+                // `e+`/`e-` exponents), into a stack buffer.
+                use serde_json::ser::Formatter as _;
+                let mut buf = [0u8; 32];
+                let mut out: &mut [u8] = &mut buf;
+                let left = serde_json::ser::CompactFormatter
+                    .write_f64(&mut out, value)
+                    .map(|()| out.len())
+                    .map_err(|_| std::fmt::Error);
+                left.and_then(|left| {
+                    let text = std::str::from_utf8(&buf[..buf.len() - left]).map_err(|_| std::fmt::Error)?;
+                    self.w.write_str(text)
+                })
+            } else {
+                self.w.write_str("null")
+            };
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if self.name(field) {
+            self.result = self
+                .w
+                .write_char('"')
+                .and_then(|()| write!(JsonEscaped(self.w), "{value:?}"))
+                .and_then(|()| self.w.write_char('"'));
+        }
+    }
+}
+
+/// Escapes what is written through it as the contents of a JSON string.
+struct JsonEscaped<'a, 'w>(&'a mut Writer<'w>);
+
+impl std::fmt::Write for JsonEscaped<'_, '_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        json_escape(self.0, s)
+    }
+}
+
+/// `text` as serde_json writes it inside a string: `"` and `\` escaped,
+/// the C0 controls as `\n`, `\t` and the like or `\u00XX`; everything else,
+/// DEL and non-ASCII included, as it is.
+fn json_escape(w: &mut Writer<'_>, text: &str) -> std::fmt::Result {
+    let mut start = 0;
+    for (i, b) in text.bytes().enumerate() {
+        let short = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        // `i` is an ASCII byte, so a char boundary.
+        w.write_str(&text[start..i])?;
+        if short.is_empty() {
+            write!(w, "\\u{b:04x}")?;
+        } else {
+            w.write_str(short)?;
+        }
+        start = i + 1;
+    }
+    w.write_str(&text[start..])
 }
 
 /// What tracing-subscriber escapes in a message when it sanitizes: the C0
@@ -595,29 +781,38 @@ mod tests {
 
     /// Lines as the hand-written formatter and as tracing-subscriber's own
     /// write them, for the same events.
-    fn both(events: impl FnOnce()) -> (String, String) {
+    fn both(format: Format, events: impl FnOnce()) -> (String, String) {
         let (ours, general) = (Buf::default(), Buf::default());
+        let json = format == Format::Json;
         let sub = tracing_subscriber::registry()
-            .with(
+            .with((!json).then(|| {
                 fmt::layer()
                     .with_writer(ours.clone())
                     .with_ansi(false)
-                    .event_format(TextLines::default()),
-            )
-            .with(fmt::layer().with_writer(general.clone()).with_ansi(false));
+                    .event_format(TextLines::default())
+            }))
+            .with((!json).then(|| fmt::layer().with_writer(general.clone()).with_ansi(false)))
+            .with(json.then(|| {
+                fmt::layer()
+                    .with_writer(ours.clone())
+                    .json()
+                    .event_format(JsonLines::default())
+            }))
+            .with(json.then(|| fmt::layer().with_writer(general.clone()).json()));
         tracing::subscriber::with_default(sub, events);
         (ours.text(), general.text())
     }
 
-    /// Equal but for the timestamps, which must have the same shape.
-    fn same_lines(ours: &str, general: &str) -> Result<(), String> {
+    /// Equal but for the timestamps, which must have the same shape; they
+    /// start `at` bytes into the line.
+    fn same_lines(ours: &str, general: &str, at: usize) -> Result<(), String> {
         let (a, b): (Vec<_>, Vec<_>) = (ours.lines().collect(), general.lines().collect());
         if a.len() != b.len() {
             return Err(format!("{} lines against {}", a.len(), b.len()));
         }
         for (x, y) in a.iter().zip(&b) {
-            let shape = |l: &str| l.len() > 27 && l.as_bytes()[10] == b'T' && l.as_bytes()[26] == b'Z';
-            if !shape(x) || !shape(y) || x[27..] != y[27..] {
+            let shape = |l: &str| l.len() > at + 27 && l.as_bytes()[at + 10] == b'T' && l.as_bytes()[at + 26] == b'Z';
+            if !shape(x) || !shape(y) || x[..at] != y[..at] || x[at + 27..] != y[at + 27..] {
                 return Err(format!("ours:    {x}\ngeneral: {y}"));
             }
         }
@@ -635,7 +830,7 @@ mod tests {
             duration in proptest::prelude::any::<f64>(),
         ) {
             let client: Option<std::net::IpAddr> = Some([127, 0, 0, 1].into());
-            let (ours, general) = both(|| {
+            let (ours, general) = both(Format::Text, || {
                 tracing::info!(
                     target: "cellgate::access",
                     trace_id = tracing::field::display(""),
@@ -657,7 +852,53 @@ mod tests {
                 tracing::info!(target: "cellgate::access", path = path.as_str(), "odd \x1b[31m message");
             });
             proptest::prop_assert_eq!(general.lines().count(), 3);
-            if let Err(diff) = same_lines(&ours, &general) {
+            if let Err(diff) = same_lines(&ours, &general, 0) {
+                proptest::prop_assert!(false, "{}", diff);
+            }
+        }
+
+        #[test]
+        fn the_json_access_line_is_what_the_json_formatter_writes(
+            path in ".*",
+            service in "[a-z\"\\\\ ]{0,12}",
+            error in proptest::option::of(".*"),
+            status in proptest::prelude::any::<u16>(),
+            bytes in proptest::prelude::any::<u64>(),
+            delta in proptest::prelude::any::<i64>(),
+            duration in proptest::prelude::any::<f64>(),
+            sticky in proptest::prelude::any::<bool>(),
+        ) {
+            let (ours, general) = both(Format::Json, || {
+                tracing::info!(
+                    target: "cellgate::access",
+                    trace_id = tracing::field::display(""),
+                    client = tracing::field::display("127.0.0.1"),
+                    method = %http::Method::GET,
+                    path = path.as_str(),
+                    service = service.as_str(),
+                    status,
+                    bytes,
+                    delta,
+                    sticky,
+                    duration_ms = duration,
+                    big = u128::from(bytes) * 3,
+                    error = tracing::field::display(error.as_deref().unwrap_or("")),
+                    "request"
+                );
+                // Other lines, an access line with a message of its own,
+                // and one inside a span (which the general formatter takes).
+                tracing::warn!(target: "cellgate::other", status, "something {}", "else");
+                tracing::info!(target: "cellgate::access", path = path.as_str(), "odd \x1b[31m \"message\"");
+                tracing::info_span!("conn", peer = "127.0.0.1").in_scope(|| {
+                    tracing::info!(target: "cellgate::access", status, "request");
+                });
+            });
+            proptest::prop_assert_eq!(general.lines().count(), 4);
+            for line in ours.lines() {
+                let parsed: Result<serde_json::Value, _> = serde_json::from_str(line);
+                proptest::prop_assert!(parsed.is_ok(), "not JSON: {}", line);
+            }
+            if let Err(diff) = same_lines(&ours, &general, "{\"timestamp\":\"".len()) {
                 proptest::prop_assert!(false, "{}", diff);
             }
         }
