@@ -180,8 +180,10 @@ pub struct RequestCtx {
     upgrade_body_held: bool,
     /// The request's shard key, kept only for its span (tracing on).
     shard_key: Option<Box<str>>,
-    /// This hop's span, when tracing is on.
-    span: Option<RequestSpan>,
+    /// This hop's span, when tracing is on. Boxed: it is most of the
+    /// context's size, and the context lives in the request's future,
+    /// which is moved into a new allocation for every request.
+    span: Option<Box<RequestSpan>>,
 }
 
 impl RequestCtx {
@@ -500,7 +502,10 @@ impl ProxyHttp for CellProxy {
                 .client_addr()
                 .and_then(|a| a.as_inet())
                 .is_some_and(|a| self.trusted(a.ip()));
-            ctx.span = self.tracing.http_span(session.req_header(), trusted, self.tls);
+            ctx.span = self
+                .tracing
+                .http_span(session.req_header(), trusted, self.tls)
+                .map(Box::new);
         }
         let req = session.req_header();
         // RFC 9112 §3.2: an HTTP/1.1 request without Host is a 400.
@@ -928,7 +933,7 @@ impl ProxyHttp for CellProxy {
             _ => None,
         };
         let client = self.client_ip(session);
-        let trace_id = ctx.span.as_ref().map(RequestSpan::trace_id);
+        let trace_id = ctx.span.as_ref().map(|s| s.trace_id());
         if let Some(span) = ctx.span.take() {
             let ours = e.filter(|e| *e.esource() != ErrorSource::Downstream);
             span.finish(SpanEnd {
