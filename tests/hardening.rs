@@ -606,6 +606,7 @@ async fn forwarding_headers_from_untrusted_clients_are_replaced_and_via_is_added
         ("x-forwarded-host", "evil"),
         ("x-forwarded-for", "1.2.3.4"),
         ("via", "1.1 evil"),
+        ("x-forwarded-proto", "https"),
     ];
     let mut req = untrusted.get(edge.url("/")).header("host", "app.test");
     for (k, v) in forged {
@@ -619,16 +620,25 @@ async fn forwarding_headers_from_untrusted_clients_are_replaced_and_via_is_added
     assert_eq!(seen["x_forwarded_host"], "app.test", "{seen}");
     assert_eq!(seen["x_forwarded_for"], "127.0.0.2", "{seen}");
     assert_eq!(seen["via"], "1.1 cellgate", "{seen}");
-    // A trusted proxy's Via is kept, and ours appended.
+    assert_eq!(seen["x_forwarded_proto"], "http", "{seen}");
+    // A trusted proxy's Via, Host, client chain and scheme are kept, and
+    // ours appended.
     let r = edge
         .get(
             &http_client(),
             "app.test",
-            &[("via", "1.1 lb"), ("x-forwarded-host", "public.test")],
+            &[
+                ("via", "1.1 lb"),
+                ("x-forwarded-host", "public.test"),
+                ("x-forwarded-for", "127.0.0.9"),
+                ("x-forwarded-proto", "https"),
+            ],
         )
         .await;
     assert_eq!(r.body["via"], "1.1 lb, 1.1 cellgate", "{}", r.body);
     assert_eq!(r.body["x_forwarded_host"], "public.test", "{}", r.body);
+    assert_eq!(r.body["x_forwarded_for"], "127.0.0.9, 127.0.0.1", "{}", r.body);
+    assert_eq!(r.body["x_forwarded_proto"], "https", "{}", r.body);
 }
 
 // ---------------------------------------------------------------------

@@ -308,10 +308,15 @@ impl CellProxy {
         let now = self.snapshots.clock().now();
         let client_ip = self.client_ip(session);
         ctx.source = Some(client_ip.map_or(Source::UNKNOWN, Source::of));
-        let cookies = session
-            .get_header(http::header::COOKIE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
+        // Read only by a sticky service or a cookie shard key.
+        let cookies = if spec.sticky.is_some() || matches!(spec.shard_key, Some(ShardKeySource::Cookie(_))) {
+            session
+                .get_header(http::header::COOKIE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+        } else {
+            ""
+        };
         let addr_text = match &spec.shard_key {
             Some(ShardKeySource::ClientAddr) => client_ip.map(IpText::new),
             _ => None,
@@ -687,8 +692,11 @@ impl ProxyHttp for CellProxy {
         }
         if let Some(peer) = peer {
             let ip = IpText::new(peer);
-            let xff = match session.get_header("x-forwarded-for").map(HeaderValue::as_bytes) {
-                Some(prev) if trusted => {
+            // A client's own forwarding headers count only from a trusted
+            // proxy: not even looked up otherwise.
+            let prev = trusted.then(|| session.get_header("x-forwarded-for")).flatten();
+            let xff = match prev.map(HeaderValue::as_bytes) {
+                Some(prev) => {
                     let mut v = Vec::with_capacity(prev.len() + 2 + ip.len);
                     v.extend_from_slice(prev);
                     v.extend_from_slice(b", ");
@@ -701,9 +709,9 @@ impl ProxyHttp for CellProxy {
                 upstream.insert_header("x-forwarded-for", xff)?;
             }
         }
-        let proto = match session.get_header("x-forwarded-proto") {
-            Some(p) if trusted => p.clone(),
-            _ => HeaderValue::from_static(if self.tls { "https" } else { "http" }),
+        let proto = match trusted.then(|| session.get_header("x-forwarded-proto")).flatten() {
+            Some(p) => p.clone(),
+            None => HeaderValue::from_static(if self.tls { "https" } else { "http" }),
         };
         upstream.insert_header("x-forwarded-proto", proto)?;
         if let (Some(s), Some(cell)) = (ctx.snapshot.as_ref(), ctx.cell()) {
