@@ -29,7 +29,12 @@ fn topology(cells: &SimCells) -> Topology {
         })
         .service("fo", RawPolicy::Failover, &all, |s| svc::hosts(s, &["fo.test"]))
         .service("w", RawPolicy::Weighted, &all, |s| svc::hosts(s, &["w.test"]))
+        .service("ck", RawPolicy::Geo, &all, |s| {
+            svc::hosts(s, &["ck.test"]);
+            svc::cookie_key(s, "tenant");
+        })
         .pin("api", "acme", "us")
+        .pin("ck", "acme", "ap")
 }
 
 /// The primary cell of `service` for a client at the edge, in the table.
@@ -74,6 +79,13 @@ async fn policies_send_traffic_where_they_should() {
     for _ in 0..5 {
         assert_eq!(edge.get(&c, "api.test", &[("x-tenant", "acme")]).await.cell, "us");
     }
+    // A shard key from a cookie, among others: the pinned home; without
+    // it, geo (the edge's own place).
+    for _ in 0..5 {
+        let r = edge.get(&c, "ck.test", &[("cookie", "a=1; tenant=acme; b=2")]).await;
+        assert_eq!(r.cell, "ap");
+    }
+    assert_eq!(edge.get(&c, "ck.test", &[("cookie", "a=1")]).await.cell, "eu");
     // weighted: every cell gets a share.
     let mut counts = std::collections::HashMap::new();
     for _ in 0..300 {

@@ -352,6 +352,9 @@ pub mod svc {
     pub fn header_key(s: &mut RawService, header: &str) {
         s.shard_key = Some(RawShardKey::Header(header.into()));
     }
+    pub fn cookie_key(s: &mut RawService, cookie: &str) {
+        s.shard_key = Some(RawShardKey::Cookie(cookie.into()));
+    }
     pub fn residency(s: &mut RawService, countries: &[&str], cells: &[&str]) {
         s.residency.push(RawResidency {
             countries: countries.iter().map(|c| c.to_string()).collect(),
