@@ -254,81 +254,144 @@ where
 {
     let base = fmt::layer().with_writer(writer).with_ansi(ansi);
     match format {
-        Format::Text => base.event_format(TextLines::default()).boxed(),
-        Format::Json => base.json().event_format(JsonLines::default()).boxed(),
+        Format::Text => base.event_format(AccessLines::text()).boxed(),
+        Format::Json => base.json().event_format(AccessLines::json()).boxed(),
     }
 }
 
-/// tracing-subscriber's text lines, with the access line written by hand:
-/// the same bytes, for a fifth of the instructions of the general
-/// formatter (which styles every field name and formats every value
-/// through `Debug`, 21 000 instructions a line, more than all of
-/// cellgate's forwarding headers). Lines with colour, inside a span or of
-/// another kind go to the general formatter.
-#[derive(Debug, Default)]
-struct TextLines {
-    full: fmt::format::Format,
+/// tracing-subscriber's lines, text or JSON, with the access line written
+/// by hand: the same bytes, for a fraction of the instructions of the
+/// general formatters (which, in text, style every field name and format
+/// every value through `Debug`: 21 900 instructions a line, more than all
+/// of cellgate's forwarding headers; 32 500 in JSON). Lines of another
+/// kind, with colour, or inside a span (which JSON writes as `span` and
+/// `spans`) go to the general formatter, `full`.
+#[derive(Debug)]
+struct AccessLines<F> {
+    full: F,
+    json: bool,
 }
 
-impl<S, N> FormatEvent<S, N> for TextLines
+impl AccessLines<fmt::format::Format> {
+    fn text() -> Self {
+        Self {
+            full: fmt::format(),
+            json: false,
+        }
+    }
+}
+
+impl AccessLines<fmt::format::Format<fmt::format::Json>> {
+    fn json() -> Self {
+        Self {
+            full: fmt::format().json(),
+            json: true,
+        }
+    }
+}
+
+impl<S, N, F> FormatEvent<S, N> for AccessLines<F>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
 {
     fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> std::fmt::Result {
         let meta = event.metadata();
-        if meta.target() != ACCESS
+        let general = meta.target() != ACCESS
             || *meta.level() != Level::INFO
-            || writer.has_ansi_escapes()
-            || ctx.event_scope().is_some()
-        {
+            || if self.json {
+                // As the JSON formatter finds the span it would write.
+                event
+                    .parent()
+                    .and_then(|id| ctx.span(id))
+                    .or_else(|| ctx.lookup_current())
+                    .is_some()
+            } else {
+                writer.has_ansi_escapes() || ctx.event_scope().is_some()
+            };
+        if general {
             return self.full.format_event(ctx, writer, event);
         }
-        // As `Format<Full, SystemTime>` writes it without colour.
-        write!(
-            writer,
-            "{}  INFO {ACCESS}: ",
-            humantime::format_rfc3339_micros(std::time::SystemTime::now())
-        )?;
-        let mut fields = AccessFields {
-            w: &mut writer,
-            first: true,
-            result: Ok(()),
-        };
-        event.record(&mut fields);
-        fields.result?;
-        writer.write_char('\n')
+        let now = humantime::format_rfc3339_micros(std::time::SystemTime::now());
+        if self.json {
+            write!(writer, "{{\"timestamp\":\"{now}\",\"level\":\"INFO\",\"fields\":{{")?;
+            FieldsOut::write(&mut writer, Json, event)?;
+            writer.write_str("},\"target\":\"cellgate::access\"}\n")
+        } else {
+            // As `Format<Full, SystemTime>` writes it without colour.
+            write!(writer, "{now}  INFO {ACCESS}: ")?;
+            FieldsOut::write(&mut writer, Text, event)?;
+            writer.write_char('\n')
+        }
     }
 }
 
-/// Writes an event's fields as tracing-subscriber's `DefaultVisitor`
-/// does without colour: the message as it is, then ` name=value` with
-/// values as `Debug` shows them (strings quoted and escaped).
-struct AccessFields<'a, 'w> {
+/// Writes an event's fields for a hand-written access line, in a style:
+/// [`Text`] or [`Json`]. Writing stops at the first error, kept in `result`.
+struct FieldsOut<'a, 'w, S> {
     w: &'a mut Writer<'w>,
     first: bool,
     result: std::fmt::Result,
+    _style: S,
 }
 
-impl AccessFields<'_, '_> {
-    /// The separator and `name=`; `false` when writing already failed.
-    fn name(&mut self, field: &Field) -> bool {
+/// As tracing-subscriber's `DefaultVisitor` writes fields without colour:
+/// the message as it is, then ` name=value` with values as `Debug` shows
+/// them (strings quoted and escaped).
+struct Text;
+
+/// As tracing-serde serializes fields through serde_json: `"name":value`
+/// pairs, strings and `Debug` values as JSON strings, integers and
+/// booleans as they are, floats as serde_json writes them (`null` when not
+/// finite).
+struct Json;
+
+impl<'a, 'w, S> FieldsOut<'a, 'w, S>
+where
+    Self: tracing::field::Visit,
+{
+    /// Writes `event`'s fields to `w`.
+    fn write(w: &'a mut Writer<'w>, style: S, event: &Event<'_>) -> std::fmt::Result {
+        let mut out = Self {
+            w,
+            first: true,
+            result: Ok(()),
+            _style: style,
+        };
+        event.record(&mut out);
+        out.result
+    }
+}
+
+impl<S> FieldsOut<'_, '_, S> {
+    /// `sep` unless this is the first field; `false` when writing already
+    /// failed.
+    fn separate(&mut self, sep: &str) -> bool {
         if self.result.is_err() {
             return false;
         }
-        let name = field.name();
-        let name = name.strip_prefix("r#").unwrap_or(name);
-        let sep = if std::mem::take(&mut self.first) { "" } else { " " };
-        self.result = self
-            .w
-            .write_str(sep)
-            .and_then(|()| self.w.write_str(name))
-            .and_then(|()| self.w.write_char('='));
+        if !std::mem::take(&mut self.first) {
+            self.result = self.w.write_str(sep);
+        }
         self.result.is_ok()
     }
 }
 
-impl tracing::field::Visit for AccessFields<'_, '_> {
+impl FieldsOut<'_, '_, Text> {
+    /// The separator and `name=`; `false` when writing already failed.
+    fn name(&mut self, field: &Field) -> bool {
+        if !self.separate(" ") {
+            return false;
+        }
+        let name = field.name();
+        let name = name.strip_prefix("r#").unwrap_or(name);
+        self.result = self.w.write_str(name).and_then(|()| self.w.write_char('='));
+        self.result.is_ok()
+    }
+}
+
+impl tracing::field::Visit for FieldsOut<'_, '_, Text> {
     fn record_str(&mut self, field: &Field, value: &str) {
         if field.name() == "message" {
             // Only ever a constant; anything unusual takes the slow road.
@@ -360,17 +423,14 @@ impl tracing::field::Visit for AccessFields<'_, '_> {
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         if field.name() == "message" {
-            if self.result.is_ok() {
-                let sep = if std::mem::take(&mut self.first) { "" } else { " " };
+            if self.separate(" ") {
                 let mut text = String::new();
                 let _ = write!(text, "{value:?}");
-                self.result = self.w.write_str(sep).and_then(|()| {
-                    if self.w.sanitizes_ansi_escapes() {
-                        escape_controls(self.w, &text)
-                    } else {
-                        self.w.write_str(&text)
-                    }
-                });
+                self.result = if self.w.sanitizes_ansi_escapes() {
+                    escape_controls(self.w, &text)
+                } else {
+                    self.w.write_str(&text)
+                };
             }
             return;
         }
@@ -396,85 +456,22 @@ fn write_u64(w: &mut Writer<'_>, value: u64) -> std::fmt::Result {
     w.write_str(std::str::from_utf8(&digits[at..]).unwrap_or("0"))
 }
 
-/// tracing-subscriber's JSON lines, with the access line written by hand
-/// as the text one is: the same bytes (`timestamp`, `level`, `fields` in
-/// the order they were recorded, `target`), for a fraction of the
-/// instructions. Lines inside a span (which carry `span` and `spans`) or
-/// of another kind go to the general formatter.
-#[derive(Debug)]
-struct JsonLines {
-    full: fmt::format::Format<fmt::format::Json>,
-}
-
-impl Default for JsonLines {
-    fn default() -> Self {
-        Self {
-            full: fmt::format().json(),
-        }
-    }
-}
-
-impl<S, N> FormatEvent<S, N> for JsonLines
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-    N: for<'a> FormatFields<'a> + 'static,
-{
-    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> std::fmt::Result {
-        let meta = event.metadata();
-        if meta.target() != ACCESS
-            || *meta.level() != Level::INFO
-            // As the JSON formatter finds the span it would write.
-            || event
-                .parent()
-                .and_then(|id| ctx.span(id))
-                .or_else(|| ctx.lookup_current())
-                .is_some()
-        {
-            return self.full.format_event(ctx, writer, event);
-        }
-        write!(
-            writer,
-            "{{\"timestamp\":\"{}\",\"level\":\"INFO\",\"fields\":{{",
-            humantime::format_rfc3339_micros(std::time::SystemTime::now())
-        )?;
-        let mut fields = JsonFieldsOut {
-            w: &mut writer,
-            first: true,
-            result: Ok(()),
-        };
-        event.record(&mut fields);
-        fields.result?;
-        writer.write_str("},\"target\":\"cellgate::access\"}\n")
-    }
-}
-
-/// Writes an event's fields as `"name":value` pairs, as tracing-serde
-/// serializes them through serde_json: strings and `Debug` values as JSON
-/// strings, integers and booleans as they are, floats as serde_json
-/// writes them (`null` when not finite).
-struct JsonFieldsOut<'a, 'w> {
-    w: &'a mut Writer<'w>,
-    first: bool,
-    result: std::fmt::Result,
-}
-
-impl JsonFieldsOut<'_, '_> {
+impl FieldsOut<'_, '_, Json> {
     /// The separator and `"name":`; `false` when writing already failed.
     fn name(&mut self, field: &Field) -> bool {
-        if self.result.is_err() {
+        if !self.separate(",") {
             return false;
         }
-        let sep = if std::mem::take(&mut self.first) { "\"" } else { ",\"" };
         self.result = self
             .w
-            .write_str(sep)
+            .write_char('"')
             .and_then(|()| json_escape(self.w, field.name()))
             .and_then(|()| self.w.write_str("\":"));
         self.result.is_ok()
     }
 }
 
-impl tracing::field::Visit for JsonFieldsOut<'_, '_> {
+impl tracing::field::Visit for FieldsOut<'_, '_, Json> {
     fn record_str(&mut self, field: &Field, value: &str) {
         if self.name(field) {
             self.result = self
@@ -789,14 +786,14 @@ mod tests {
                 fmt::layer()
                     .with_writer(ours.clone())
                     .with_ansi(false)
-                    .event_format(TextLines::default())
+                    .event_format(AccessLines::text())
             }))
             .with((!json).then(|| fmt::layer().with_writer(general.clone()).with_ansi(false)))
             .with(json.then(|| {
                 fmt::layer()
                     .with_writer(ours.clone())
                     .json()
-                    .event_format(JsonLines::default())
+                    .event_format(AccessLines::json())
             }))
             .with(json.then(|| fmt::layer().with_writer(general.clone()).json()));
         tracing::subscriber::with_default(sub, events);
