@@ -104,6 +104,22 @@ async fn the_history_follows_the_edge_clock_and_events_announce_tables_and_sampl
     for _ in 0..20 {
         assert_eq!(get(&c, &edge, "app.test").await, "eu");
     }
+    // The last response can reach the client before the edge has counted
+    // it (pingora runs the logging hook after the write): wait until it
+    // is out of flight, which it is only once counted.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let s = edge.snapshot();
+        let eu = s.table.cell_idx("eu").expect("eu");
+        if s.inflight(eu) == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a request still in flight after PATIENCE"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     edge.sample().await;
     let v = admin.history(None).await.expect("history");
     assert!(!v.times_ms.is_empty());

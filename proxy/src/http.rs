@@ -891,7 +891,6 @@ impl ProxyHttp for CellProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        ctx.inflight = None;
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let elapsed = ctx.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
         let now_secs = self.snapshots.clock().now_secs();
@@ -918,6 +917,9 @@ impl ProxyHttp for CellProxy {
         } else {
             self.snapshots.load().edge.unrouted_response(status);
         }
+        // Out of flight once counted: whoever sees the request leave the
+        // in-flight count sees it in the traffic counters too.
+        ctx.inflight = None;
         if let Some(e) = e {
             if *e.esource() == ErrorSource::Downstream {
                 tracing::debug!(error = %e, "client error");
