@@ -15,6 +15,13 @@
 //! default (connect, read, pooled-idle): the floor of a pingora configured
 //! for production rather than of a bare one.
 //!
+//! With `--headers` it also adds the header fields cellgate adds to a
+//! request of the benchmark (`X-Forwarded-For`, `-Proto`, `-Host`, `Via`,
+//! `x-cellgate-cell`) and to its response (`Via`, `x-cellgate-cell`, a
+//! sticky `Set-Cookie`), through the same pingora calls, with values fixed
+//! at start: what pingora charges for the fields alone, with no routing,
+//! no metrics and nothing else of cellgate's.
+//!
 //! TLS is rustls (ring), TLS 1.2 and 1.3, offering h2 and HTTP/1.1, as on
 //! cellgate's `[listeners] https`. Loopback addresses only.
 
@@ -32,6 +39,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use std::{
+    io::Write,
     net::SocketAddr,
     path::PathBuf,
     process::ExitCode,
@@ -41,6 +49,7 @@ use std::{
 
 use async_trait::async_trait;
 use clap::Parser;
+use http::{header, HeaderValue};
 use pingora::{
     apps::HttpServerOptions, listeners::tls::TlsSettings, prelude::*, server::configuration::ServerConf,
     upstreams::peer::HttpPeer,
@@ -73,6 +82,30 @@ struct Cli {
     /// peer has none, as a 30-line `ProxyHttp` would.
     #[arg(long)]
     timeouts: bool,
+    /// Add the header fields cellgate adds by default (fixed values), to
+    /// the request and to the response.
+    #[arg(long)]
+    headers: bool,
+}
+
+/// Header values fixed at start, as a snapshot of cellgate's holds them.
+#[derive(Debug)]
+struct Fields {
+    via: HeaderValue,
+    cell: HeaderValue,
+    cookie: HeaderValue,
+}
+
+impl Fields {
+    fn new() -> Self {
+        Self {
+            via: HeaderValue::from_static("1.1 cellgate"),
+            cell: HeaderValue::from_static("eu-west"),
+            cookie: HeaderValue::from_static(
+                "cg_bench=bench.eu-west.1700000000.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA; Path=/; Max-Age=3600; HttpOnly; SameSite=Lax",
+            ),
+        }
+    }
 }
 
 /// Picks the next upstream; that is all.
@@ -81,6 +114,7 @@ struct RoundRobin {
     upstreams: Vec<SocketAddr>,
     next: AtomicUsize,
     timeouts: bool,
+    headers: Option<Fields>,
 }
 
 #[async_trait]
@@ -100,6 +134,50 @@ impl ProxyHttp for RoundRobin {
             peer.options.idle_timeout = Some(Duration::from_secs(60));
         }
         Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        _ctx: &mut (),
+    ) -> Result<()> {
+        let Some(f) = &self.headers else {
+            return Ok(());
+        };
+        if let Some(host) = session.get_header(header::HOST).cloned() {
+            upstream.insert_header("x-forwarded-host", host)?;
+        }
+        upstream.append_header("via", f.via.clone())?;
+        if let Some(ip) = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()) {
+            let mut buf = [0u8; 48];
+            let len = {
+                let mut w = &mut buf[..];
+                let room = w.len();
+                write!(w, "{ip}").map_err(|e| Error::because(ErrorType::InternalError, "client address", e))?;
+                room - w.len()
+            };
+            if let Ok(v) = HeaderValue::from_bytes(&buf[..len]) {
+                upstream.insert_header("x-forwarded-for", v)?;
+            }
+        }
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        upstream.insert_header(
+            "x-forwarded-proto",
+            HeaderValue::from_static(if tls { "https" } else { "http" }),
+        )?;
+        upstream.insert_header("x-cellgate-cell", f.cell.clone())?;
+        Ok(())
+    }
+
+    async fn response_filter(&self, _session: &mut Session, resp: &mut ResponseHeader, _ctx: &mut ()) -> Result<()> {
+        let Some(f) = &self.headers else {
+            return Ok(());
+        };
+        resp.append_header("via", f.via.clone())?;
+        resp.insert_header("x-cellgate-cell", f.cell.clone())?;
+        resp.append_header(header::SET_COOKIE, f.cookie.clone())?;
+        Ok(())
     }
 }
 
@@ -141,6 +219,7 @@ fn main() -> ExitCode {
             upstreams: cli.upstream,
             next: AtomicUsize::new(0),
             timeouts: cli.timeouts,
+            headers: cli.headers.then(Fields::new),
         },
     );
     if let Some(app) = service.app_logic_mut() {
