@@ -266,6 +266,12 @@ impl IpText {
     }
 }
 
+impl std::fmt::Display for IpText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl CellProxy {
     fn trusted(&self, ip: IpAddr) -> bool {
         self.settings.trusted_proxies.iter().any(|n| n.contains(&ip))
@@ -938,10 +944,11 @@ impl ProxyHttp for CellProxy {
             ),
             None => ("-", "-", None),
         };
-        let endpoint = match (&ctx.snapshot, ctx.endpoint) {
-            (Some(s), Some(e)) => Some(s.endpoint(e).addr),
+        let slot = match (&ctx.snapshot, ctx.endpoint) {
+            (Some(s), Some(e)) => Some(s.endpoint(e)),
             _ => None,
         };
+        let endpoint = slot.map(|s| s.addr);
         let client = self.client_ip(session);
         let trace_id = ctx.span.as_ref().map(|s| s.trace_id());
         if let Some(span) = ctx.span.take() {
@@ -968,12 +975,14 @@ impl ProxyHttp for CellProxy {
         tracing::info!(
             target: "cellgate::access",
             trace_id = tracing::field::display(OrDash(trace_id)),
-            client = tracing::field::display(OrDash(client)),
+            // Both as ready text: `Display` of an address goes through the
+            // formatting machinery, a fifth of the line's cost.
+            client = tracing::field::display(OrDash(client.map(IpText::new))),
             method = %session.req_header().method,
             path = session.req_header().uri.path(),
             service,
             cell,
-            endpoint = tracing::field::display(OrDash(endpoint)),
+            endpoint = tracing::field::display(OrDash(slot.map(|s| &*s.addr_text))),
             status,
             bytes = session.body_bytes_sent(),
             duration_ms = elapsed * 1000.0,
@@ -1011,6 +1020,7 @@ mod tests {
             for ip in [IpAddr::V4(Ipv4Addr::from(v4)), IpAddr::V6(Ipv6Addr::from(v6))] {
                 let text = IpText::new(ip);
                 prop_assert_eq!(text.as_str(), ip.to_string());
+                prop_assert_eq!(text.to_string(), ip.to_string());
             }
         }
     }

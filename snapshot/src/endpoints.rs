@@ -102,6 +102,8 @@ impl EjectRule {
 #[derive(Debug)]
 pub struct EndpointSlot {
     pub addr: SocketAddr,
+    /// `addr` as text, made once: the access log writes it per request.
+    pub addr_text: Box<str>,
     pub cell: CellIdx,
     pub kind: EndpointKind,
     /// Failures in the current streak.
@@ -119,6 +121,7 @@ impl EndpointSlot {
     pub fn new(addr: SocketAddr, cell: CellIdx, kind: EndpointKind) -> Self {
         Self {
             addr,
+            addr_text: addr.to_string().into_boxed_str(),
             cell,
             kind,
             failures: AtomicU32::new(0),
@@ -250,6 +253,16 @@ mod tests {
 
     fn src(last: u8) -> Source {
         Source::of(IpAddr::from([192, 0, 2, last]))
+    }
+
+    #[test]
+    fn the_address_text_is_the_address_displayed() {
+        for a in ["127.0.0.1:1", "[::1]:8443", "[fe80::1%3]:80", "255.255.255.255:65535"] {
+            let addr: SocketAddr = a.parse().expect("addr");
+            let s = EndpointSlot::new(addr, CellIdx(0), EndpointKind::Http);
+            assert_eq!(&*s.addr_text, addr.to_string());
+            assert_eq!(&*s.addr_text, a);
+        }
     }
 
     #[test]
