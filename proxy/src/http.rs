@@ -222,13 +222,13 @@ fn cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
 }
 
 /// An IP address as text in a stack buffer (for the `client_addr` key).
-struct IpText {
+pub(crate) struct IpText {
     buf: [u8; 46],
     len: usize,
 }
 
 impl IpText {
-    fn new(ip: IpAddr) -> Self {
+    pub(crate) fn new(ip: IpAddr) -> Self {
         let mut buf = [0u8; 46];
         let len = match ip {
             // A dotted quad by hand: `Display` goes through the formatting

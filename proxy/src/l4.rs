@@ -235,12 +235,13 @@ impl L4Proxy {
         tracing::info!(
             target: "cellgate::access",
             trace_id = tracing::field::display(crate::http::OrDash(trace_id)),
-            client = %ip,
+            // Addresses as ready text, as on the HTTP access line.
+            client = %crate::http::IpText::new(ip),
             l4 = true,
             service = spec.name.as_str(),
             sni = sni.as_deref().unwrap_or(""),
             cell = cell_id.as_str(),
-            endpoint = %snapshot.endpoint(idx).addr,
+            endpoint = tracing::field::display(&*snapshot.endpoint(idx).addr_text),
             bytes = to_client,
             bytes_to_cell = to_cell,
             bytes_to_client = to_client,
